@@ -1,0 +1,164 @@
+"""Distributed set-up from the torchrun environment, and the few collectives the pipeline needs.
+
+Works the same under ``torchrun --nproc_per_node=N`` (any N, any number of nodes) and as a
+plain process (world size 1, no process group). NCCL + one GPU per local rank + bf16 autocast on
+CUDA; gloo + fp32 on CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from pipeline.config import TrainConfig
+from pipeline.errors import UserError
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits in the job and what it computes on."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str
+    amp_dtype: torch.dtype | None  # None = full fp32
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """bf16 autocast where chosen, a no-op otherwise."""
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+
+def _resolve_device(choice: str, local_rank: int) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise UserError("train.device: 'cuda' was asked for but no CUDA device is available")
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        count = torch.cuda.device_count()
+        torch.cuda.set_device(local_rank % count)
+        return torch.device("cuda", local_rank % count)
+    return torch.device("cpu")
+
+
+def _resolve_precision(choice: str, device: torch.device) -> torch.dtype | None:
+    if choice == "bf16" or (choice == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def init_distributed(train: TrainConfig) -> DistEnv:
+    """Join the process group torchrun describes (or run alone) and pick device and precision."""
+    rank = int(os.environ.get("RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = _resolve_device(train.device, local_rank)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
+    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        # Several ranks on one CPU box must not oversubscribe the cores.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world_size))))
+    if train.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return DistEnv(rank, world_size, local_rank, device, backend, _resolve_precision(train.precision, device))
+
+
+def teardown() -> None:
+    """Leave the process group (safe to call when none was joined)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def distributed(train: TrainConfig) -> Iterator[DistEnv]:
+    """``with distributed(cfg.train) as env:`` -- joins on entry, tears down on success and on error."""
+    env = init_distributed(train)
+    try:
+        yield env
+    finally:
+        teardown()
+
+
+def seed_everything(seed: int, rank: int = 0) -> int:
+    """Seed python, numpy and torch from one seed, differently per rank; returns the rank seed."""
+    rank_seed = (seed * 1_000_003 + rank) % (2**31)
+    random.seed(rank_seed)
+    np.random.seed(rank_seed)
+    torch.manual_seed(rank_seed)
+    return rank_seed
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum across ranks (in place, also returned); identity without a process group."""
+    if dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Average a dict of scalars across ranks in one collective."""
+    if not values:
+        return {}
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
+    all_reduce_sum(t)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    return {k: v / world for k, v in zip(keys, t.tolist(), strict=True)}
+
+
+def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate a tensor's first dimension across ranks (sizes may differ per rank)."""
+    if not dist.is_initialized():
+        return tensor
+    world = dist.get_world_size()
+    size = torch.tensor([tensor.shape[0]], device=tensor.device)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size)
+    max_n = int(max(s.item() for s in sizes))
+    padded = torch.zeros((max_n, *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
+    padded[: tensor.shape[0]] = tensor
+    gathered = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(gathered, padded)
+    return torch.cat([g[: int(s.item())] for g, s in zip(gathered, sizes, strict=True)])
+
+
+def broadcast_object(obj: object, src: int = 0) -> object:
+    """Rank ``src``'s python object on every rank."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when ``flag`` is true on at least one (e.g. a stop request)."""
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    return bool(all_reduce_sum(t).item() > 0)

@@ -1,0 +1,200 @@
+"""Pieces every training loop shares: resume + MLflow run continuity, graceful stop, NaN guard, history, progress.
+
+A loop (see ``pipeline/training/gan.py``) looks like::
+
+    with distributed(cfg.train) as env, GracefulStop() as stop:
+        session = Session(cfg, "train_gan", ("data", "train", "gan"), env, ckpt_dir, out_dir, manifest)
+        ckpt = session.resume()            # None on a fresh start
+        ...restore state from ckpt...
+        session.start_run(tags={...})      # same MLflow run as the checkpoint's, params logged once
+        bar = session.progress(total, start, "train_gan")
+        for step in range(start, total):
+            ...
+            check_finite({"loss_d": ..., "loss_g": ...}, step, session.last_path)
+            if stop.should_stop(env.device): session.save(state); raise SystemExit(143)
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from pipeline import checkpoint
+from pipeline.config import Config
+from pipeline.distributed import DistEnv, any_rank, barrier
+from pipeline.errors import UserError
+from pipeline.tracking import TAG_MANIFEST, TAG_PARAMS_HASH, RunLogger, file_sha256, stage_params, tracking_uri
+
+EXIT_STOPPED = 143  # 128 + SIGTERM: "stopped on request, checkpoint saved"
+
+
+class NonFiniteLossError(UserError):
+    """A loss became NaN/inf: training stops, the last good checkpoint stays."""
+
+
+def check_finite(values: dict[str, float], step: int, kept: Path) -> None:
+    """Raise :class:`NonFiniteLossError` naming the first non-finite value."""
+    for name, value in values.items():
+        if not torch.isfinite(torch.as_tensor(value)).all():
+            raise NonFiniteLossError(
+                f"step {step}: {name} is {value}; training stopped, last good checkpoint kept at {kept}"
+            )
+
+
+class GracefulStop:
+    """SIGTERM/SIGINT set a flag instead of killing the process; the loop saves and exits at a step boundary."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.requested = True
+
+    def __enter__(self) -> GracefulStop:
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def should_stop(self, device: torch.device) -> bool:
+        """True on every rank once any rank got a signal (so all stop at the same step)."""
+        return any_rank(self.requested, device)
+
+
+class History:
+    """Metric rows (step + values) kept in the checkpoint and written as CSV for ``dvc plots``."""
+
+    def __init__(self, rows: list[dict[str, float]] | None = None) -> None:
+        self.rows = list(rows or [])
+
+    def append(self, step: int, values: dict[str, float]) -> None:
+        self.rows.append({"step": step, **{k: float(v) for k, v in values.items()}})
+
+    def write_csv(self, path: Path) -> None:
+        columns = ["step", *sorted({k for r in self.rows for k in r} - {"step"})]
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=columns, restval="", lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(self.rows)
+        checkpoint.atomic_write_text(path, buffer.getvalue())
+
+
+class Session:
+    """One stage execution: params hash, last checkpoint, the MLflow run, and rank-0 outputs."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        stage: str,
+        sections: tuple[str, ...],
+        env: DistEnv,
+        ckpt_dir: Path,
+        out_dir: Path,
+        manifest: Path,
+    ) -> None:
+        self.cfg, self.stage, self.sections, self.env = cfg, stage, sections, env
+        self.ckpt_dir, self.out_dir, self.manifest = Path(ckpt_dir), Path(out_dir), Path(manifest)
+        self.manifest_sha256 = file_sha256(self.manifest)
+        # The data is part of what a checkpoint was trained on: new shards mean a new run.
+        self.params_hash = cfg.section_hash(*sections)[:16] + "-" + self.manifest_sha256[:16]
+        self.run_id: str | None = None
+        self.logger = RunLogger(cfg, stage, enabled=env.is_main)
+
+    @property
+    def last_path(self) -> Path:
+        return self.ckpt_dir / checkpoint.LAST
+
+    def resume(self) -> dict[str, Any] | None:
+        """The checkpoint to resume from (every rank loads it), or None for a fresh start."""
+        ckpt = checkpoint.resume_state(
+            self.ckpt_dir, self.params_hash, self.cfg.train.on_params_change, map_location=self.env.device
+        )
+        if ckpt is not None:
+            self.run_id = ckpt.get("run_id")
+            self.print(f"{self.stage}: resuming from {self.last_path} at step {ckpt['step']}")
+        return ckpt
+
+    def start_run(self, tags: dict[str, str] | None = None) -> None:
+        """Create the MLflow run (or reopen the checkpoint's) on rank 0."""
+        env = self.env
+        base = {
+            TAG_MANIFEST: self.manifest_sha256,
+            TAG_PARAMS_HASH: self.params_hash,
+            "world_size": str(env.world_size),
+            "backend": env.backend,
+            "device": str(env.device.type),
+            "precision": str(env.amp_dtype).replace("torch.", "") if env.amp_dtype else "fp32",
+            "torch": torch.__version__,
+        }
+        self.logger.run_id = self.run_id
+        self.run_id = self.logger.start(stage_params(self.cfg, *self.sections), base | (tags or {}))
+
+    def save(self, state: dict[str, Any], step: int) -> None:
+        """Rank 0 writes ``last.pt`` atomically (with RNG states, run id, params hash); all ranks wait."""
+        if self.env.is_main:
+            payload = {
+                **state,
+                "step": step,
+                "params_hash": self.params_hash,
+                "run_id": self.run_id,
+                "rng": checkpoint.rng_state(),
+            }
+            checkpoint.save(payload, self.last_path)
+        barrier()
+
+    def write_run_json(self) -> None:
+        if self.env.is_main:
+            record = {
+                "run_id": self.run_id,
+                "experiment": self.cfg.mlflow.experiment,
+                "tracking_uri": tracking_uri(self.cfg),
+            }
+            checkpoint.atomic_write_json(self.out_dir / "run.json", record)
+
+    def progress(self, total: int, initial: int, desc: str) -> tqdm:
+        """A tqdm bar on rank 0 only; the loop calls ``update`` and ``set_postfix``."""
+        return tqdm(total=total, initial=initial, desc=desc, disable=not self.env.is_main, dynamic_ncols=True)
+
+    def print(self, message: str) -> None:
+        if self.env.is_main:
+            print(message, file=sys.stderr, flush=True)
+
+
+def read_run_json(model_dir: Path) -> dict[str, Any]:
+    path = Path(model_dir) / "run.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path}: cannot read training run record ({exc})") from None
+
+
+class Throughput:
+    """Samples per second between two calls of :meth:`rate`."""
+
+    def __init__(self) -> None:
+        self._t, self._n = time.perf_counter(), 0
+
+    def add(self, n: int) -> None:
+        self._n += n
+
+    def rate(self) -> float:
+        now = time.perf_counter()
+        rate = self._n / max(now - self._t, 1e-9)
+        self._t, self._n = now, 0
+        return rate
