@@ -2,14 +2,27 @@
 
 from __future__ import annotations
 
+import gzip
 import shutil
+from functools import partial
+from itertools import islice
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import webdataset as wds
 
-from pipeline.data.loaders import eval_batches, train_batches
-from pipeline.data.shards import decode_png, load_manifest, tar_samples
+from pipeline.data.loaders import (
+    RankShards,
+    _expand,
+    _plain_members,
+    _shuffle,
+    decode_batch,
+    eval_batches,
+    train_batches,
+)
+from pipeline.data.shards import ShardError, decode_png, encode_png, load_manifest, tar_samples
 from pipeline.errors import UserError
 
 
@@ -75,6 +88,89 @@ def test_workers_are_deterministic_and_leave_the_global_rng_alone(tiny_shards: P
     first = _train(tiny_shards, num_workers=1, batches_per_epoch=3)
     assert torch.equal(state, torch.get_rng_state())
     assert _same(first, _train(tiny_shards, num_workers=1, batches_per_epoch=3))
+
+
+def _stock_collate(samples: list[dict], kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """webdataset's plain samples -> a batch the textbook way: per-sample decode, stack, torch conversion."""
+    images = np.stack([decode_png(s["png"], "RGB") for s in samples])
+    if kind == "patches":
+        targets = np.asarray([int(s["cls"]) for s in samples], dtype=np.int64)
+    else:
+        targets = np.stack([decode_png(s["mask.png"], "L") for s in samples]).astype(np.int64)
+    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().float().div_(255.0), torch.from_numpy(targets)
+
+
+@pytest.mark.parametrize(("kind", "rank", "world_size"), [("patches", 0, 1), ("patches", 1, 2), ("mosaics", 0, 2)])
+def test_train_batches_equal_webdatasets_stock_pipeline(
+    tiny_shards: Path, kind: str, rank: int, world_size: int
+) -> None:
+    # same shard draws and shuffle seeds, but webdataset's own tar reader and per-sample decoding: the fast
+    # reader, the batch decoder and the float conversion must not change a bit of any batch
+    seed, epoch, batch_size, batches = 7, 1, 8, 6
+    urls = [str(tiny_shards / s["file"]) for s in load_manifest(tiny_shards)["splits"]["train"][kind]["shards"]]
+    stock = wds.DataPipeline(
+        RankShards(urls, rank, world_size, seed, epoch),
+        wds.tarfile_to_samples(),
+        partial(_shuffle, seed=seed, rank=rank, world_size=world_size, epoch=epoch),
+        wds.batched(batch_size, collation_fn=partial(_stock_collate, kind=kind), partial=False),
+    )
+    expected = list(islice(stock, batches))
+    ours = _train(
+        tiny_shards, kind=kind, rank=rank, world_size=world_size, seed=seed, epoch=epoch,
+        batch_size=batch_size, batches_per_epoch=batches,
+    )  # fmt: skip
+    assert len(expected) == batches and _same(ours, expected)
+
+
+def _rewrite(samples: list[dict], path: Path, key: str) -> list[dict]:
+    """Write ``samples`` under new keys (``key`` + index) with webdataset's TarWriter; returns what was written."""
+    renamed = [
+        {"__key__": f"{key}{i:03d}", **{k: v for k, v in s.items() if not k.startswith("__")}}
+        for i, s in enumerate(samples)
+    ]
+    with wds.TarWriter(str(path), mtime=0) as writer:
+        for sample in renamed:
+            writer.write(sample)
+    return renamed
+
+
+def test_any_tar_reads_like_a_plain_shard(tiny_shards: Path, tmp_path: Path) -> None:
+    shard = tiny_shards / load_manifest(tiny_shards)["splits"]["val"]["mosaics"]["shards"][0]["file"]
+    assert _plain_members(shard.read_bytes()) is not None  # our shards take the fast path
+    originals = list(tar_samples(shard))
+    plain, long_names, gzipped = tmp_path / "plain.tar", tmp_path / "long.tar", tmp_path / "gz.tar"
+    cases = {
+        plain: _rewrite(originals, plain, "k"),
+        long_names: _rewrite(originals, long_names, "k" * 120),  # > 100 characters: pax headers
+    }
+    gzipped.write_bytes(gzip.compress(plain.read_bytes()))
+    cases[gzipped] = cases[plain]
+    assert _plain_members(long_names.read_bytes()) is None and _plain_members(gzipped.read_bytes()) is None
+    for path, written in cases.items():
+        url = str(path)
+        got = list(_expand([{"url": url}], {url: len(written)}))
+        assert got == [{"__url__": url, **sample} for sample in written]
+
+
+def test_a_damaged_member_header_is_a_user_error_naming_the_shard(broken_copy: Path) -> None:
+    shard = broken_copy / load_manifest(broken_copy)["splits"]["train"]["patches"]["shards"][0]["file"]
+    blob = bytearray(shard.read_bytes())
+    header = blob.index(b"ustar", 3 * 512) - 257  # the header of some member after the first
+    blob[header + 140] ^= 0x01  # one bit of its mtime: only the header checksum can tell
+    shard.write_bytes(bytes(blob))
+    with pytest.raises(UserError, match=rf"^{shard}: \d+ samples, the manifest says 8$"):
+        list(eval_batches(broken_copy, "patches", "train", 8, rank=0, world_size=1))
+
+
+def test_decode_batch_names_a_sample_of_another_size() -> None:
+    def sample(key: str, side: int) -> dict:
+        image = np.zeros((side, side, 3), np.uint8)
+        return {"__key__": key, "__url__": "some.tar", "png": encode_png(image), "cls": b"1"}
+
+    images, labels = decode_batch([sample("a", 8), sample("b", 8)], "patches")
+    assert images.shape == (2, 3, 8, 8) and labels.tolist() == [1, 1]
+    with pytest.raises(ShardError, match=r"^some\.tar: sample c: image is \(4, 4\), the batch's first is \(8, 8\)$"):
+        decode_batch([sample("a", 8), sample("c", 4)], "patches")
 
 
 def _all_mosaics(shards: Path, split: str) -> list[bytes]:

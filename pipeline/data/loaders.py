@@ -3,10 +3,13 @@
 Training (``train_batches``): each rank takes every ``world_size``-th shard, each DataLoader worker every
 ``num_workers``-th of those (fewer shards than ranks x workers: everyone resamples all shards), draws shards
 with replacement (``webdataset.ResampledShards``, so the stream never ends and no rank runs dry), shuffles
-samples in a buffer, decodes and batches. Every rank yields exactly ``batches_per_epoch`` full batches, so
-DDP ranks never wait on each other at an epoch end. All randomness is seeded from
-(seed, rank, world_size, epoch, worker, num_workers): the same call gives the same batches, which is what
-lets a trainer resume mid-epoch by re-creating the epoch's iterator and skipping the batches it has done.
+samples in a buffer, decodes and batches. Shards are read whole and split by a minimal tar-header parser
+(:mod:`tarfile` reads anything else: its header parsing took as long as the PNG decoding), and PNGs are
+decoded straight into one uint8 batch, converted to float once. Every rank yields exactly
+``batches_per_epoch`` full batches, so DDP ranks never wait on each other at an epoch end. All randomness
+is seeded from (seed, rank, world_size, epoch, worker, num_workers): the same call gives the same batches,
+which is what lets a trainer resume mid-epoch by re-creating the epoch's iterator and skipping the batches
+it has done.
 
 Evaluation (``eval_batches``): rank r takes samples i with ``i % world_size == r`` in manifest order, so
 every sample is seen exactly once across ranks; the last batch may be partial.
@@ -14,8 +17,10 @@ every sample is seen exactly once across ranks; the last batch may be partial.
 
 from __future__ import annotations
 
+import io
+import re
 import tarfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from functools import partial
 from itertools import islice
 from pathlib import Path
@@ -24,15 +29,18 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import webdataset as wds
+from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from pipeline.data.shards import MEMBERS, ShardError, check_shard_files, decode_png, load_manifest, shard_entries
+from pipeline.data.shards import MEMBERS, ShardError, check_shard_files, load_manifest, shard_entries
 
 Kind = Literal["patches", "mosaics"]
 SHUFFLE_BUFFER, SHUFFLE_INITIAL = 500, 100  # samples held; samples read before the first one is yielded
 _SHARDS, _SHUFFLE = 0, 1  # purposes of the derived seeds
+_BLOCK, _ZERO_BLOCK, _REGULAR = 512, bytes(512), b"0\0"  # tar block size, end marker, regular-file typeflags
+_META = re.compile(r"__[^/]*__($|/)")  # webdataset's metadata names, skipped
+_KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's key.extension split
 
 
 def _worker() -> tuple[int, int]:
@@ -65,21 +73,85 @@ class RankShards(IterableDataset):
         yield from wds.ResampledShards(mine, seed=seed, worker_seed=_no_worker_seed, deterministic=True)
 
 
+def _plain_members(blob: bytes) -> list[tuple[str, bytes]] | None:
+    """(name, data) of the regular files of an in-memory tar made only of plain ustar headers (what
+    ``TarWriter`` writes for short ASCII names), or None for anything else (pax or GNU headers, links, a bad
+    checksum, truncation, an empty archive) so that :mod:`tarfile` reads it, or names what is wrong.
+
+    About five times faster than :mod:`tarfile` (whose header parsing took as long as decoding the PNG).
+    """
+    members, offset, end = [], 0, len(blob)
+    try:
+        while offset + _BLOCK <= end:
+            header = blob[offset : offset + _BLOCK]
+            if header == _ZERO_BLOCK:  # end-of-archive marker
+                break
+            if (
+                header[156] not in _REGULAR
+                or header[345]
+                or sum(header) - sum(header[148:156]) + 256 != _octal(header[148:156])
+            ):
+                return None
+            size, start = _octal(header[124:136]), offset + _BLOCK
+            if not 0 <= size <= end - start:
+                return None
+            members.append((header[:100].split(b"\0", 1)[0].decode("ascii"), blob[start : start + size]))
+            offset = start + -(-size // _BLOCK) * _BLOCK
+    except ValueError:  # a numeric field in base-256 or not octal, a non-ASCII name (UnicodeDecodeError)
+        return None
+    return members or None
+
+
+def _octal(field: bytes) -> int:
+    return int(field.split(b"\0", 1)[0].strip() or b"0", 8)
+
+
+def _tarfile_members(blob: bytes) -> list[tuple[str, bytes]]:
+    """(name, data) of the regular files of any tar :mod:`tarfile` reads; raises ``TarError`` on a bad one."""
+    with tarfile.open(fileobj=io.BytesIO(blob), mode="r:*") as tar:
+        return [(m.name, tar.extractfile(m).read()) for m in tar if m.isreg()]  # type: ignore[union-attr]
+
+
+def _group(members: list[tuple[str, bytes]], url: str) -> Iterator[dict[str, Any]]:
+    """Consecutive members sharing a key as one sample ``{"__key__", "__url__", ext: bytes, ...}``.
+
+    The key is the name up to the first dot of its last path component, the extension is lower-cased and
+    ``__meta__`` names are skipped, as webdataset groups them.
+    """
+    sample: dict[str, Any] | None = None
+    for name, data in members:
+        match = None if _META.match(name) else _KEY_EXT.match(name)
+        if match is None:
+            continue
+        key, ext = match.group(1), match.group(2).lower()
+        if sample is None or sample["__key__"] != key:
+            if sample is not None:
+                yield sample
+            sample = {"__key__": key, "__url__": url}
+        if ext in sample:
+            raise ValueError(f"{name}: duplicate member")
+        sample[ext] = data
+    if sample is not None:
+        yield sample
+
+
 def _expand(src: Iterable[dict[str, str]], expected: dict[str, int]) -> Iterator[dict[str, Any]]:
-    """Samples of each shard; a tar error or a sample count unlike the manifest's names the shard."""
+    """Samples of each shard, read whole into memory (a shard holds at most ``data.shard_max_samples``).
+
+    A tar error or a sample count unlike the manifest's is a :class:`ShardError` naming the shard.
+    """
     for item in src:
-        url, count = item["url"], 0
+        url = item["url"]
         try:
-            with open(url, "rb") as stream:
-                for sample in group_by_keys(tar_file_expander([{"url": url, "stream": stream}])):
-                    count += 1
-                    yield sample
+            blob = Path(url).read_bytes()
+            members = _plain_members(blob)
+            samples = list(_group(_tarfile_members(blob) if members is None else members, url))
         except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
-            reason = str(exc.args[0]).split(" @ ")[0] if exc.args else type(exc).__name__  # drop wds's suffix
-            reason = " ".join(reason.split())
+            reason = " ".join(str(exc).split()) or type(exc).__name__
             raise ShardError(f"{url}: cannot read shard ({reason})") from None
-        if count != expected[url]:
-            raise ShardError(f"{url}: {count} samples, the manifest says {expected[url]}")
+        if len(samples) != expected[url]:
+            raise ShardError(f"{url}: {len(samples)} samples, the manifest says {expected[url]}")
+        yield from samples
 
 
 def _shuffle(
@@ -89,27 +161,59 @@ def _shuffle(
     return wds.shuffle(SHUFFLE_BUFFER, SHUFFLE_INITIAL, seed=stage_seed)(iter(src))
 
 
-def decode_sample(sample: dict[str, Any], kind: str) -> tuple[np.ndarray, int | np.ndarray]:
-    """A webdataset sample dict -> (image uint8 (H, W, 3), class index or mask uint8 (H, W)).
+def _decode_png(data: bytes, mode: str) -> np.ndarray:
+    """A PNG in PIL ``mode`` as a read-only uint8 array ("RGB" -> (H, W, 3), "L" -> (H, W))."""
+    with Image.open(io.BytesIO(data), formats=("PNG",)) as im:
+        if im.mode != mode:
+            raise ValueError(f"expected a {mode} PNG, got {im.mode}")
+        return np.asarray(im)
 
-    Tensors are made once per batch in :func:`collate`: per-sample torch calls cost more than the decoding.
-    """
+
+def _decode_sample(sample: dict[str, Any], kind: str) -> tuple[np.ndarray, int | np.ndarray]:
+    """(image uint8 (H, W, 3), class index or mask uint8 (H, W)); a :class:`ShardError` naming the sample."""
     try:
         missing = [m for m in MEMBERS[kind] if m not in sample]
         if missing:
             raise ValueError(f"missing member(s) {', '.join('.' + m for m in missing)}")
-        image = decode_png(sample["png"], "RGB")
-        target = int(sample["cls"]) if kind == "patches" else decode_png(sample["mask.png"], "L")
+        image = _decode_png(sample["png"], "RGB")
+        return image, int(sample["cls"]) if kind == "patches" else _decode_png(sample["mask.png"], "L")
     except Exception as exc:  # image decoders raise many types on bad bytes (OSError, SyntaxError, zlib.error...)
-        raise ShardError(f"{sample['__url__']}: sample {sample['__key__']}: cannot decode ({exc})") from None
-    return image, target
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise ShardError(f"{sample['__url__']}: sample {sample['__key__']}: cannot decode ({reason})") from None
 
 
-def collate(samples: list[tuple[np.ndarray, int | np.ndarray]]) -> tuple[Tensor, Tensor]:
-    """Decoded samples -> (images float (B, 3, H, W) in [0, 1], labels int64 (B,) or masks int64 (B, H, W))."""
-    images, targets = zip(*samples, strict=True)
-    batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous().float().div_(255.0)
-    return batch, torch.from_numpy(np.asarray(targets, dtype=np.int64))
+def decode_batch(samples: Sequence[dict[str, Any]], kind: str) -> tuple[Tensor, Tensor]:
+    """One or more webdataset sample dicts -> (images float (B, 3, H, W) in [0, 1], labels int64 (B,) or masks
+    int64 (B, H, W)).
+
+    PNGs are decoded into one preallocated uint8 batch that is converted to float once (per-sample tensors
+    and stacking cost more than the decoding). A sample that does not decode, or whose shape differs from
+    the first one's, is a :class:`ShardError` naming its shard and key.
+    """
+    image, target = _decode_sample(samples[0], kind)
+    images = np.empty((len(samples), *image.shape), np.uint8)
+    targets = np.empty((len(samples), *np.shape(target)), np.int64)
+    for i, sample in enumerate(samples):
+        if i:
+            image, target = _decode_sample(sample, kind)
+            if image.shape != images.shape[1:] or np.shape(target) != targets.shape[1:]:
+                raise ShardError(
+                    f"{sample['__url__']}: sample {sample['__key__']}: image is {image.shape[:2]}, "
+                    f"the batch's first is {images.shape[1:3]}"
+                )
+        images[i], targets[i] = image, target
+    floats = np.empty((images.shape[0], images.shape[3], *images.shape[1:3]), np.float32)
+    np.divide(images.transpose(0, 3, 1, 2), np.float32(255), out=floats, dtype=np.float32)  # == torch's div_
+    return torch.from_numpy(floats), torch.from_numpy(targets)
+
+
+def _batches(src: Iterable[dict[str, Any]], size: int, kind: str, keep_last: bool) -> Iterator[tuple[Tensor, Tensor]]:
+    """Decoded batches of ``size`` samples; the last, shorter one only if ``keep_last``."""
+    samples = iter(src)
+    while batch := list(islice(samples, size)):
+        if len(batch) < size and not keep_last:
+            return
+        yield decode_batch(batch, kind)
 
 
 def _worker_share(src: Iterable[Any], total: int) -> Iterator[Any]:
@@ -159,8 +263,7 @@ def train_batches(
         RankShards(urls, rank, world_size, seed, epoch),
         partial(_expand, expected=expected),
         partial(_shuffle, seed=seed, rank=rank, world_size=world_size, epoch=epoch),
-        wds.map(partial(decode_sample, kind=kind)),
-        wds.batched(batch_size, collation_fn=collate, partial=False),
+        partial(_batches, size=batch_size, kind=kind, keep_last=False),
         partial(_worker_share, total=batches_per_epoch),
     )
     if num_workers == 0:
@@ -184,7 +287,6 @@ def eval_batches(
         wds.SimpleShardList(urls),
         partial(_expand, expected=expected),
         partial(_every_nth, offset=rank, step=world_size),
-        wds.map(partial(decode_sample, kind=kind)),
-        wds.batched(batch_size, collation_fn=collate, partial=True),
+        partial(_batches, size=batch_size, kind=kind, keep_last=True),
     )
     return iter(dataset)
