@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import platform
@@ -42,10 +43,9 @@ def configure(cfg: Config) -> None:
     name = cfg.mlflow.experiment
     try:
         if mlflow.get_experiment_by_name(name) is None and (root := local_artifact_root(uri)):
-            try:
+            # Another process may create it at the same moment.
+            with contextlib.suppress(mlflow.exceptions.MlflowException):
                 mlflow.create_experiment(name, artifact_location=root)
-            except mlflow.exceptions.MlflowException:
-                pass  # created concurrently by another process
         mlflow.set_experiment(name)
     except Exception as exc:  # MlflowException, requests' ConnectionError, ...
         raise UserError(f"MLflow tracking server {uri}: {type(exc).__name__}: {_first_line(exc)}") from None

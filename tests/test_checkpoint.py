@@ -28,16 +28,16 @@ def test_save_load_round_trip_with_rng(tmp_path: Path) -> None:
 def test_weights_only_refuses_arbitrary_objects(tmp_path: Path) -> None:
     path = tmp_path / "evil.pt"
     torch.save({"obj": object()}, path)
-    with pytest.raises(checkpoint.CheckpointError, match="evil.pt: cannot load checkpoint"):
+    with pytest.raises(checkpoint.CheckpointError, match=r"evil\.pt: cannot load checkpoint"):
         checkpoint.load(path)
 
 
 def test_corrupt_and_missing_files_are_named(tmp_path: Path) -> None:
     bad = tmp_path / "last.pt"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(checkpoint.CheckpointError, match="last.pt: cannot load checkpoint"):
+    with pytest.raises(checkpoint.CheckpointError, match=r"last\.pt: cannot load checkpoint"):
         checkpoint.load(bad)
-    with pytest.raises(checkpoint.CheckpointError, match="nope.pt: checkpoint not found"):
+    with pytest.raises(checkpoint.CheckpointError, match=r"nope\.pt: checkpoint not found"):
         checkpoint.load(tmp_path / "nope.pt")
 
 

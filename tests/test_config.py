@@ -48,7 +48,7 @@ def test_bad_values_name_the_key(override: dict, message: str, tmp_path: Path) -
 
 
 def test_missing_and_invalid_files(tmp_path: Path) -> None:
-    with pytest.raises(config.ConfigError, match="missing.yaml: cannot read params file"):
+    with pytest.raises(config.ConfigError, match=r"missing\.yaml: cannot read params file"):
         config.load(tmp_path / "missing.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("seed: [1,\n")

@@ -40,7 +40,7 @@ def test_cuda_requested_without_gpu_is_a_user_error(tiny_params) -> None:
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is present")
     cfg = config.load(tiny_params({"train.device": "cuda"}))
-    with pytest.raises(distributed.UserError, match="train.device: 'cuda'"):
+    with pytest.raises(distributed.UserError, match=r"train\.device: 'cuda'"):
         distributed.init_distributed(cfg.train)
 
 
