@@ -1,0 +1,302 @@
+"""Class-conditional DCGAN (Radford et al. 2015) for texture patches, with the usual stabilisers as options.
+
+- :class:`Generator`: ``z`` and a one-hot class go through a transposed conv to a ``side x side`` map
+  (``side`` = 4 for 16/32/64-px patches), then one stride-2 transposed conv block per doubling, BatchNorm +
+  ReLU, ``tanh`` output in [-1, 1].
+- :class:`Discriminator`: the mirror image with LeakyReLU(0.2). The class enters either as one-hot maps
+  concatenated to the image (``"concat"``, the recipe measured best here) or through a projection
+  (Miyato & Koyama 2018: ``<embed(y), sum-pooled features>`` added to the logit). Optional spectral norm
+  (Miyato et al. 2018) on every layer; BatchNorm is off with spectral norm or a gradient penalty, as in
+  SN-GAN and WGAN-GP.
+- :class:`EMA` of the generator's weights (the model that is evaluated and shipped), :func:`diff_augment`
+  (Zhao et al. 2020: colour, translation, cutout; differentiable, applied to real and fake images).
+- :func:`generate_images`, :func:`save_generator`, :func:`load_generator`: the model file contract.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.parametrizations import spectral_norm as _spectral_norm
+
+from pipeline import checkpoint
+
+Conditioning = Literal["concat", "projection"]
+AUGMENTATIONS = ("color", "translation", "cutout")
+MIN_SIDE = 4  # the smallest feature map: 16/32/64-px patches start (G) and end (D) at 4 x 4
+LEAK = 0.2
+INIT_STD = 0.02  # DCGAN initialisation
+EMA_WARMUP = 10  # EMA decay ramps as (1 + t) / (EMA_WARMUP + t) until it reaches the configured decay
+
+
+def layout(image_size: int) -> tuple[int, int]:
+    """``(side, blocks)``: the first map's side and the number of 2x up/down blocks for ``image_size``.
+
+    Halve while the result stays an integer >= :data:`MIN_SIDE`: 16 -> (4, 2), 32 -> (4, 3), 64 -> (4, 4),
+    48 -> (6, 3).
+    """
+    if image_size < 2 * MIN_SIDE or image_size % 2:
+        raise ValueError(f"image_size must be an even number >= {2 * MIN_SIDE}, got {image_size}")
+    side, blocks = image_size, 0
+    while side % 2 == 0 and side // 2 >= MIN_SIDE:
+        side, blocks = side // 2, blocks + 1
+    return side, blocks
+
+
+def _init_dcgan(module: nn.Module) -> None:
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, 0.0, INIT_STD)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.normal_(m.weight, 1.0, INIT_STD)
+            nn.init.zeros_(m.bias)
+
+
+class Generator(nn.Module):
+    """``forward(z (B, z_dim), labels (B,)) -> images (B, 3, S, S)`` in [-1, 1]."""
+
+    def __init__(self, num_classes: int, z_dim: int, channels: int, image_size: int) -> None:
+        super().__init__()
+        self.kwargs = {"num_classes": num_classes, "z_dim": z_dim, "channels": channels, "image_size": image_size}
+        self.num_classes, self.z_dim, self.image_size = num_classes, z_dim, image_size
+        side, blocks = layout(image_size)
+        width = channels * 2 ** (blocks - 1)
+        layers: list[nn.Module] = [
+            nn.ConvTranspose2d(z_dim + num_classes, width, side, 1, 0, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(inplace=True),
+        ]
+        for _ in range(blocks - 1):
+            layers += [nn.ConvTranspose2d(width, width // 2, 4, 2, 1, bias=False), nn.BatchNorm2d(width // 2)]
+            layers.append(nn.ReLU(inplace=True))
+            width //= 2
+        layers += [nn.ConvTranspose2d(width, 3, 4, 2, 1), nn.Tanh()]
+        self.net = nn.Sequential(*layers)
+        _init_dcgan(self)
+
+    def forward(self, z: Tensor, labels: Tensor) -> Tensor:
+        onehot = F.one_hot(labels, self.num_classes).to(z.dtype)
+        return self.net(torch.cat([z, onehot], 1)[:, :, None, None])
+
+
+class Discriminator(nn.Module):
+    """``forward(images (B, 3, S, S) in [-1, 1], labels (B,)) -> logits (B,)``."""
+
+    def __init__(
+        self,
+        num_classes: int,
+        channels: int,
+        image_size: int,
+        conditioning: Conditioning = "concat",
+        spectral_norm: bool = False,
+        batch_norm: bool = True,
+    ) -> None:
+        super().__init__()
+        if conditioning not in ("concat", "projection"):
+            raise ValueError(f"conditioning must be 'concat' or 'projection', got {conditioning!r}")
+        self.num_classes, self.conditioning = num_classes, conditioning
+        side, blocks = layout(image_size)
+        sn = _spectral_norm if spectral_norm else (lambda m: m)
+        c_in = 3 + (num_classes if conditioning == "concat" else 0)
+        layers: list[nn.Module] = [sn(nn.Conv2d(c_in, channels, 4, 2, 1)), nn.LeakyReLU(LEAK, inplace=True)]
+        width = channels
+        for _ in range(blocks - 1):
+            layers.append(sn(nn.Conv2d(width, width * 2, 4, 2, 1, bias=not batch_norm)))
+            if batch_norm:
+                layers.append(nn.BatchNorm2d(width * 2))
+            layers.append(nn.LeakyReLU(LEAK, inplace=True))
+            width *= 2
+        self.features = nn.Sequential(*layers)
+        self.head = sn(nn.Conv2d(width, 1, side, 1, 0))
+        self.embed = sn(nn.Embedding(num_classes, width)) if conditioning == "projection" else None
+        _init_dcgan(self)
+
+    def forward(self, images: Tensor, labels: Tensor) -> Tensor:
+        if self.embed is None:
+            onehot = F.one_hot(labels, self.num_classes).to(images.dtype)
+            maps = onehot[:, :, None, None].expand(-1, -1, *images.shape[-2:])
+            images = torch.cat([images, maps.contiguous(memory_format=_memory_format(images))], 1)
+        h = self.features(images)
+        logits = self.head(h).flatten()
+        if self.embed is not None:
+            logits = logits + (self.embed(labels) * h.sum((2, 3))).sum(1)
+        return logits
+
+
+def _memory_format(x: Tensor) -> torch.memory_format:
+    return torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+
+
+class EMA:
+    """Exponential moving average of a model's parameters; buffers (BatchNorm statistics) are copied.
+
+    The decay ramps up as ``min(decay, (1 + t) / (10 + t))`` so the average is not dominated by the
+    random initial weights during a short run.
+    """
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay = decay
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int) -> None:
+        """Fold ``model``'s current weights in; ``step`` counts earlier updates (0 for the first)."""
+        decay = min(self.decay, (1 + step) / (EMA_WARMUP + step))
+        torch._foreach_lerp_(list(self.module.parameters()), list(model.parameters()), 1.0 - decay)
+        for mine, theirs in zip(self.module.buffers(), model.buffers(), strict=True):
+            mine.copy_(theirs)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return self.module.state_dict()
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.module.load_state_dict(state)
+
+
+class _Draws:
+    """Random numbers for the rows ``offset:offset + rows`` of a global batch of ``total``.
+
+    Every rank draws for the whole global batch from the same generator and keeps its own rows, so an
+    augmented batch does not depend on how it is split across ranks.
+    """
+
+    def __init__(self, generator: torch.Generator, offset: int, rows: int, total: int, device: torch.device) -> None:
+        self.generator, self.rows, self.total, self.device = generator, slice(offset, offset + rows), total, device
+
+    def uniform(self) -> Tensor:
+        return torch.rand(self.total, generator=self.generator)[self.rows].to(self.device)
+
+    def integers(self, low: int, high: int) -> Tensor:
+        return torch.randint(low, high, (self.total,), generator=self.generator)[self.rows].to(self.device)
+
+
+def _color(x: Tensor, r: _Draws) -> Tensor:
+    x = x + (r.uniform() - 0.5).view(-1, 1, 1, 1)  # brightness
+    mean = x.mean(dim=1, keepdim=True)
+    x = (x - mean) * (r.uniform() * 2).view(-1, 1, 1, 1) + mean  # saturation
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    return (x - mean) * (r.uniform() + 0.5).view(-1, 1, 1, 1) + mean  # contrast
+
+
+def _index_grid(*sizes: int, device: torch.device) -> tuple[Tensor, ...]:
+    return torch.meshgrid(*(torch.arange(n, device=device) for n in sizes), indexing="ij")
+
+
+def _translation(x: Tensor, r: _Draws, ratio: float = 0.125) -> Tensor:
+    b, _, h, w = x.shape
+    sh, sw = int(h * ratio + 0.5), int(w * ratio + 0.5)
+    dy, dx = r.integers(-sh, sh + 1).view(-1, 1, 1), r.integers(-sw, sw + 1).view(-1, 1, 1)
+    gb, gy, gx = torch.meshgrid(
+        torch.arange(b, device=x.device),
+        torch.arange(h, device=x.device),
+        torch.arange(w, device=x.device),
+        indexing="ij",
+    )
+    gy = (gy + dy + 1).clamp(0, h + 1)
+    gx = (gx + dx + 1).clamp(0, w + 1)
+    padded = F.pad(x, [1, 1, 1, 1]).permute(0, 2, 3, 1)  # zero border = mid-grey in [-1, 1]
+    return padded[gb, gy, gx].permute(0, 3, 1, 2)
+
+
+def _cutout(x: Tensor, r: _Draws, ratio: float = 0.5) -> Tensor:
+    b, _, h, w = x.shape
+    ch, cw = int(h * ratio + 0.5), int(w * ratio + 0.5)
+    oy, ox = r.integers(0, h + (1 - ch % 2)).view(-1, 1, 1), r.integers(0, w + (1 - cw % 2)).view(-1, 1, 1)
+    gb, gy, gx = torch.meshgrid(
+        torch.arange(b, device=x.device),
+        torch.arange(ch, device=x.device),
+        torch.arange(cw, device=x.device),
+        indexing="ij",
+    )
+    gy = (gy + oy - ch // 2).clamp(0, h - 1)
+    gx = (gx + ox - cw // 2).clamp(0, w - 1)
+    mask = torch.ones(b, h, w, dtype=x.dtype, device=x.device)
+    mask[gb, gy, gx] = 0
+    return x * mask.unsqueeze(1)
+
+
+_AUGMENT = {"color": _color, "translation": _translation, "cutout": _cutout}
+
+
+def diff_augment(
+    x: Tensor, policy: Sequence[str], generator: torch.Generator, offset: int = 0, total: int | None = None
+) -> Tensor:
+    """DiffAugment: differentiable colour / translation / cutout on images in [-1, 1], in ``policy`` order.
+
+    ``x`` holds rows ``offset:offset + len(x)`` of a global batch of ``total`` (default: all of it);
+    the random draws are made for the global batch from ``generator``, so results are the same however
+    the batch is split across ranks.
+    """
+    draws = _Draws(generator, offset, x.shape[0], total or x.shape[0], x.device)
+    for name in policy:
+        if name not in _AUGMENT:
+            raise ValueError(f"unknown augmentation {name!r} (known: {', '.join(AUGMENTATIONS)})")
+        x = _AUGMENT[name](x, draws)
+    return x
+
+
+def noise(n: int, z_dim: int, seed: int) -> Tensor:
+    """The latent vectors ``generate_images`` uses for ``n`` samples and ``seed`` (on the CPU)."""
+    return torch.randn(n, z_dim, generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def generate_from_noise(generator: Generator, z: Tensor, labels: Tensor, batch_size: int, device: Any) -> Tensor:
+    """Images in [0, 1] (float, on the CPU) for latents ``z`` and ``labels``, in eval mode, in batches."""
+    was_training = generator.training
+    generator.eval()
+    try:
+        out = []
+        for start in range(0, z.shape[0], batch_size):
+            zb = z[start : start + batch_size].to(device)
+            yb = labels[start : start + batch_size].to(device)
+            out.append(generator(zb, yb).float().add(1).div(2).clamp(0, 1).cpu())
+    finally:
+        generator.train(was_training)
+    return torch.cat(out) if out else torch.empty(0, 3, generator.image_size, generator.image_size)
+
+
+def generate_images(generator: Generator, labels: Tensor, seed: int, batch_size: int, device: Any) -> Tensor:
+    """``(N, 3, H, W)`` float images in [0, 1] for class ``labels`` (N,); the same seed gives the same images."""
+    labels = torch.as_tensor(labels, dtype=torch.int64)
+    return generate_from_noise(generator, noise(labels.shape[0], generator.z_dim, seed), labels, batch_size, device)
+
+
+def sample_grid(generator: Generator, per_class: int, seed: int, device: Any, pad: int = 2) -> np.ndarray:
+    """uint8 ``(H, W, 3)`` grid of generated samples: one row per class, ``per_class`` columns."""
+    labels = torch.arange(generator.num_classes).repeat_interleave(per_class)
+    images = generate_images(generator, labels, seed, batch_size=labels.shape[0], device=device)
+    rows, side = generator.num_classes, generator.image_size
+    grid = torch.ones(3, rows * (side + pad) + pad, per_class * (side + pad) + pad)
+    for i, image in enumerate(images):
+        r, c = divmod(i, per_class)
+        y, x = pad + r * (side + pad), pad + c * (side + pad)
+        grid[:, y : y + side, x : x + side] = image
+    return (grid.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+
+
+def save_generator(path: str | Path, generator: Generator, meta: dict[str, Any]) -> None:
+    """Write ``{"kwargs", "state_dict", "meta"}`` atomically; loadable with ``weights_only=True`` on any device."""
+    state = {k: v.detach().cpu().contiguous() for k, v in generator.state_dict().items()}
+    checkpoint.save({"kwargs": dict(generator.kwargs), "state_dict": state, "meta": dict(meta)}, path)
+
+
+def load_generator(path: str | Path, device: str | torch.device = "cpu") -> tuple[Generator, dict[str, Any]]:
+    """The saved (EMA) generator in eval mode on ``device``, and its meta (classes, step, val_fid, run_id, ...)."""
+    payload = checkpoint.load(path, map_location="cpu")
+    try:
+        model = Generator(**payload["kwargs"])
+        model.load_state_dict(payload["state_dict"])
+        meta = dict(payload["meta"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise checkpoint.CheckpointError(f"{path}: not a generator model file ({type(exc).__name__}: {exc})") from None
+    return model.to(device).eval(), meta

@@ -1,0 +1,490 @@
+"""MLflow Model Registry: log the pyfunc models into their training runs, register versions with lineage,
+gate them, and move the ``champion``/``challenger`` aliases.
+
+A version passes when its evaluation metrics clear the thresholds in ``params.yaml`` (``register.*``)
+*and* it beats the current champion on the same metric (for the GAN: FID from the same feature
+extractor; FIDs from different extractors are not comparable, so that comparison is skipped and the
+reason says so). A passing version becomes ``champion``, any other ``challenger``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tempfile
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pipeline import config
+from pipeline.config import Config, flatten
+from pipeline.errors import UserError
+from pipeline.serving import ARTIFACT
+from pipeline.tracking import (
+    TAG_GIT_COMMIT,
+    TAG_GIT_DIRTY,
+    TAG_MANIFEST,
+    TAG_PARAMS_HASH,
+    TAG_STAGE,
+    file_sha256,
+    tracking_uri,
+)
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+    from mlflow.entities.model_registry import ModelVersion, RegisteredModel
+    from mlflow.pyfunc import PyFuncModel
+
+MODEL_NAMES = {"gan": "texture-gan", "segmenter": "texture-segmenter"}
+MODEL_FILES = {"gan": "generator.pt", "segmenter": "model.pt"}
+REQUIRED_METRICS = {"gan": ("fid", "recall", "fid_features"), "segmenter": ("miou",)}
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+TAG_MODEL_SHA = "model.sha256"
+TAG_REGISTER_STAGE = "dvc.register_stage"
+TAG_GATE_PASSED = "gate.passed"
+TAG_GATE_REASON = "gate.reason"
+DESCRIPTIONS = {
+    "gan": "Conditional texture GAN (EMA generator). pyfunc input: table with 'class' (name or index) and 'seed'; "
+    "output: uint8 images (N, H, W, 3). Needs the texture-pipeline package installed.",
+    "segmenter": "U-Net texture segmenter. pyfunc input: uint8 images (N, H, W, 3); output: int64 class indices "
+    "(N, H, W), class names in the model metadata. Needs the texture-pipeline package installed.",
+}
+MODEL_CODE = '''"""MLflow model code: the pyfunc class lives in the installed texture-pipeline package."""
+from mlflow.models import set_model
+
+from pipeline.serving import {cls}
+
+set_model({cls}())
+'''
+
+
+def kind_of(model_name: str) -> str:
+    for kind, name in MODEL_NAMES.items():
+        if name == model_name:
+            return kind
+    raise UserError(f"unknown model {model_name!r}; expected one of {', '.join(MODEL_NAMES.values())}")
+
+
+# --- connection and lookups -------------------------------------------------------------------------------
+
+
+def _cli_tracking_uri() -> str:
+    """``MLFLOW_TRACKING_URI``, else ``mlflow.tracking_uri`` of ./params.yaml if present, else MLflow's default."""
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    if Path(config.PARAMS_FILE).is_file():
+        return config.load(config.PARAMS_FILE).mlflow.tracking_uri
+    import mlflow
+
+    return mlflow.get_tracking_uri()
+
+
+def _check_reachable(uri: str) -> None:
+    """Fail in seconds, not after MLflow's retry schedule, when an HTTP tracking server does not answer."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import requests
+
+    try:
+        requests.get(uri.rstrip("/") + "/health", timeout=10)
+    except requests.RequestException as exc:
+        raise UserError(
+            f"MLflow tracking server {uri} is not reachable ({type(exc).__name__}); "
+            "start it or fix MLFLOW_TRACKING_URI / mlflow.tracking_uri"
+        ) from None
+
+
+def connect(cfg: Config | None = None) -> tuple[MlflowClient, str]:
+    """An ``MlflowClient`` for the configured tracking (and registry) URI, and that URI.
+
+    Without ``cfg`` (``python -m pipeline generate/segment``) the URI comes from ``MLFLOW_TRACKING_URI``
+    or ./params.yaml.
+    """
+    import mlflow
+
+    uri = tracking_uri(cfg) if cfg is not None else _cli_tracking_uri()
+    _check_reachable(uri)
+    mlflow.set_tracking_uri(uri)
+    return mlflow.MlflowClient(uri), uri
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0][:300] if lines else type(exc).__name__
+
+
+def registered_model(client: MlflowClient, name: str, uri: str) -> RegisteredModel:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            raise UserError(f"registered model {name!r} not found at {uri} (the register stage creates it)") from None
+        raise UserError(f"{uri}: cannot read registered model {name!r}: {_first_line(exc)}") from None
+
+
+def _versions(client: MlflowClient, name: str, run_id: str | None = None) -> list[ModelVersion]:
+    query = f"name = '{name}'" + (f" and run_id = '{run_id}'" if run_id else "")
+    return sorted(client.search_model_versions(query), key=lambda mv: int(mv.version))
+
+
+def model_version(
+    client: MlflowClient, name: str, uri: str, version: str | None = None, alias: str | None = None
+) -> ModelVersion:
+    """A version by number, by alias, or the latest; one clear error when the model, version or alias is missing."""
+    model = registered_model(client, name, uri)
+    if alias is not None:
+        if alias not in model.aliases:
+            known = ", ".join(f"{a} -> v{v}" for a, v in sorted(model.aliases.items())) or "none"
+            raise UserError(f"registered model {name!r} has no alias {alias!r} at {uri} (aliases: {known})")
+        version = str(model.aliases[alias])
+    versions = _versions(client, name)
+    if not versions:
+        raise UserError(f"registered model {name!r} has no versions at {uri}")
+    if version is None:
+        return client.get_model_version(name, versions[-1].version)
+    if str(version) not in {str(mv.version) for mv in versions}:
+        known = ", ".join(str(mv.version) for mv in versions)
+        raise UserError(f"registered model {name!r} has no version {version!r} at {uri} (versions: {known})")
+    return client.get_model_version(name, str(version))
+
+
+def load_pyfunc(model_uri: str) -> PyFuncModel:
+    """``mlflow.pyfunc.load_model`` with one clear error for a missing model, version or alias."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    client, uri = connect()
+    match = re.fullmatch(r"models:/([^/@]+)(?:@([^/]+)|/(\d+))", model_uri)
+    if match:
+        name, alias, version = match.groups()
+        model_version(client, name, uri, version=version, alias=alias)
+    try:
+        return mlflow.pyfunc.load_model(model_uri)
+    except (MlflowException, OSError) as exc:
+        raise UserError(f"{model_uri}: cannot load model ({_first_line(exc)})") from None
+
+
+# --- metrics, gate and champion comparison ----------------------------------------------------------------
+
+
+def read_metrics(path: Path, kind: str) -> dict[str, Any]:
+    """An evaluation metrics file (``metrics/gan.json`` / ``metrics/segmenter.json``) with its required keys."""
+    try:
+        metrics = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path}: cannot read metrics ({exc})") from None
+    check_metrics(kind, metrics, str(path))
+    return metrics
+
+
+def check_metrics(kind: str, metrics: Any, source: str) -> None:
+    missing = [k for k in REQUIRED_METRICS[kind] if not isinstance(metrics, dict) or k not in metrics]
+    if missing:
+        raise UserError(f"{source}: missing {', '.join(repr(k) for k in missing)} (needed by the {kind} gate)")
+
+
+def gate(cfg: Config, kind: str, metrics: dict[str, Any]) -> tuple[bool, str]:
+    """The thresholds of ``register.<kind>`` in params: (passed, which checks passed or failed and why)."""
+    if kind == "gan":
+        fid, recall = _number(metrics["fid"]), _number(metrics["recall"])
+        checks = [
+            (fid <= cfg.register.gan.max_fid, f"fid {fid:.4g} {{}} max_fid {cfg.register.gan.max_fid:g}", "<=", ">"),
+            (
+                recall >= cfg.register.gan.min_recall,
+                f"recall {recall:.4g} {{}} min_recall {cfg.register.gan.min_recall:g}",
+                ">=",
+                "<",
+            ),
+        ]
+    else:
+        miou = _number(metrics["miou"])
+        min_miou = cfg.register.segmenter.min_miou
+        checks = [(miou >= min_miou, f"miou {miou:.4g} {{}} min_miou {min_miou:g}", ">=", "<")]
+    passed = all(ok for ok, *_ in checks)
+    return passed, ", ".join(text.format(yes if ok else no) for ok, text, yes, no in checks)
+
+
+def _number(value: Any) -> float:
+    """A metric value (float, tag text, or None for a NaN in the metrics file) as a float; NaN when absent."""
+    try:
+        return float(value) if value is not None else math.nan
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _short(features: str | None) -> str:
+    """A feature extractor's name for messages: ``inception``, or the first 12 hex digits of its sha256."""
+    return str(features)[:12]
+
+
+def compare_with_champion(
+    kind: str, metrics: dict[str, Any], champion: ModelVersion | None, version: str | None = None
+) -> tuple[bool, str]:
+    """Does a version with ``metrics`` beat ``champion``? (True, why) when there is nothing comparable."""
+    if champion is None:
+        return True, "no current champion"
+    if version is not None and str(champion.version) == str(version):
+        return True, f"v{version} is the current champion"
+    name = f"champion v{champion.version}"
+    if kind == "gan":
+        theirs, ours = champion.tags.get("fid_features"), str(metrics["fid_features"])
+        if theirs != ours:
+            return True, (
+                f"{name}'s FID came from feature extractor {_short(theirs)}, this one from {_short(ours)}: "
+                "not comparable, comparison skipped"
+            )
+        key, lower_is_better = "fid", True
+    else:
+        key, lower_is_better = "miou", False
+    value, best = _number(metrics[key]), _number(champion.tags.get(key))
+    if math.isnan(best):
+        return True, f"{name} has no {key} tag: comparison skipped"
+    beats = value < best if lower_is_better else value > best
+    sign = ("<" if beats else ">=") if lower_is_better else (">" if beats else "<=")
+    return beats, f"{key} {value:.4g} {sign} {name}'s {best:.4g}"
+
+
+def metrics_from_tags(kind: str, tags: dict[str, str], label: str) -> dict[str, Any]:
+    """The gate's metrics back from a version's tags."""
+    check_metrics(kind, tags, label)
+    return {k: tags[k] if k == "fid_features" else _number(tags[k]) for k in REQUIRED_METRICS[kind]}
+
+
+# --- logging and registration -----------------------------------------------------------------------------
+
+
+def _tag_key(key: str) -> str:
+    return re.sub(r"[^\w.\- /]", "_", key)
+
+
+def metric_tags(metrics: dict[str, Any]) -> dict[str, str]:
+    """Evaluation metrics as version tags (nested keys dotted: ``iou.stripes``, ``baselines.fid_real``)."""
+    return {
+        _tag_key(k): json.dumps(v) if isinstance(v, (list, dict)) else str(v)
+        for k, v in flatten(metrics).items()
+        if v is not None
+    }
+
+
+def _pip_requirements() -> list[str]:
+    """The packages the pyfunc imports, pinned to this environment; the project itself is ``pip install``-ed."""
+    return [
+        f"{pkg}=={importlib_metadata.version(pkg).split('+')[0]}"
+        for pkg in ("mlflow", "torch", "numpy", "pandas", "pillow")
+    ]
+
+
+def _signature_and_example(kind: str, classes: list[str]) -> tuple[Any, Any]:
+    import numpy as np
+    import pandas as pd
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import AnyType, ColSpec, Schema, TensorSpec
+
+    if kind == "segmenter":
+        signature = ModelSignature(
+            inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))]),
+            outputs=Schema([TensorSpec(np.dtype(np.int64), (-1, -1, -1))]),
+        )
+        example = np.random.default_rng(0).integers(0, 256, size=(1, 32, 32, 3), dtype=np.uint8)
+    else:
+        signature = ModelSignature(
+            inputs=Schema([ColSpec(AnyType(), "class"), ColSpec("long", "seed")]),
+            outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))]),
+        )
+        example = pd.DataFrame({"class": [classes[0], 1 % len(classes)], "seed": [0, 1]})
+    return signature, example
+
+
+def log_pyfunc(kind: str, model_file: Path, run_id: str, experiment_id: str, sha256: str) -> Any:
+    """Log ``model_file`` as a pyfunc model of training run ``run_id``; returns MLflow's ``ModelInfo``."""
+    import mlflow
+    from mlflow.models import Model
+
+    if kind == "gan":
+        from pipeline.models.gan import load_generator as load
+    else:
+        from pipeline.models.unet import load_segmenter as load
+    _, meta = load(model_file, device="cpu")
+    classes = list(meta["classes"])
+    signature, example = _signature_and_example(kind, classes)
+    cls = "GeneratorModel" if kind == "gan" else "SegmenterModel"
+    # The logged model belongs to the run's experiment, not to whichever experiment is active here.
+    mlflow.set_experiment(experiment_id=experiment_id)
+    with tempfile.TemporaryDirectory() as tmp:
+        code = Path(tmp) / f"{MODEL_NAMES[kind].replace('-', '_')}.py"
+        code.write_text(MODEL_CODE.format(cls=cls))
+        return Model.log(
+            artifact_path=None,
+            name=MODEL_NAMES[kind],
+            flavor=mlflow.pyfunc,
+            run_id=run_id,
+            python_model=str(code),
+            artifacts={ARTIFACT: str(model_file)},
+            signature=signature,
+            input_example=example,
+            pip_requirements=_pip_requirements(),
+            metadata={
+                "classes": classes,
+                "kind": kind,
+                "model_sha256": sha256,
+                "source_run_id": run_id,
+                "requires": "pip install the texture-pipeline project (provides pipeline.serving)",
+            },
+            tags={TAG_MODEL_SHA: sha256},
+        )
+
+
+def _ensure_registered_model(client: MlflowClient, kind: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(MODEL_NAMES[kind], description=DESCRIPTIONS[kind])
+    except MlflowException as exc:
+        if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+            raise
+
+
+def _training_run(client: MlflowClient, run_id: str, record: dict[str, Any], uri: str, where: Path) -> Any:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_run(run_id)
+    except MlflowException:
+        raise UserError(
+            f"{where}: training run {run_id} not found at {uri} (it was logged to {record.get('tracking_uri')}); "
+            "register against that store, or retrain with this one"
+        ) from None
+
+
+def _description(name: str, run: Any, train_stage: str) -> str:
+    tags = run.data.tags
+    commit = tags.get(TAG_GIT_COMMIT, "unknown")
+    if commit == "unknown":
+        how = "reproduce with: dvc repro (no git commit was recorded at training time)"
+    else:
+        how = f"reproduce with: git checkout {commit} && dvc repro"
+        if tags.get(TAG_GIT_DIRTY) == "true":
+            how += " (the working tree had uncommitted changes at training time)"
+    return f"{name} trained by DVC stage {train_stage}, MLflow run {run.info.run_id}. {how}"
+
+
+def _record(name: str, mv: ModelVersion, passed: bool, reason: str, created: bool, uri: str) -> dict[str, Any]:
+    return {
+        "model": name,
+        "version": str(mv.version),
+        "model_uri": f"models:/{name}/{mv.version}",
+        "aliases": sorted(mv.aliases),
+        "gate_passed": passed,
+        "reason": reason,
+        "created": created,
+        "run_id": mv.run_id,
+        "model_sha256": mv.tags.get(TAG_MODEL_SHA),
+        "tracking_uri": uri,
+    }
+
+
+def register_model(
+    cfg: Config, kind: str, model_dir: Path, metrics: dict[str, Any], dvc_stage: str = "register"
+) -> dict[str, Any]:
+    """Log, register, gate and alias the model in ``model_dir``; returns the registry record.
+
+    Idempotent: when a version of this model already exists for the same training run and the same
+    model-file sha256, that version is returned (``created: False``) and nothing is logged or moved.
+    """
+    from pipeline.engine import read_run_json
+
+    name = MODEL_NAMES[kind]
+    check_metrics(kind, metrics, f"{kind} metrics")
+    model_dir = Path(model_dir)
+    model_file = model_dir / MODEL_FILES[kind]
+    if not model_file.is_file():
+        raise UserError(f"{model_file}: model file not found (run the train_{kind} stage first)")
+    record = read_run_json(model_dir)
+    run_id = record.get("run_id")
+    if not run_id:
+        raise UserError(f"{model_dir / 'run.json'}: no run_id (training did not log to MLflow)")
+    client, uri = connect(cfg)
+    run = _training_run(client, run_id, record, uri, model_dir / "run.json")
+    sha256 = file_sha256(model_file)
+    _ensure_registered_model(client, kind)
+    for mv in _versions(client, name, run_id):
+        if mv.tags.get(TAG_MODEL_SHA) == sha256:
+            mv = client.get_model_version(name, mv.version)
+            reason = mv.tags.get(TAG_GATE_REASON, "")
+            return _record(name, mv, mv.tags.get(TAG_GATE_PASSED) == "true", reason, False, uri)
+
+    info = log_pyfunc(kind, model_file, run_id, run.info.experiment_id, sha256)
+    champion_version = registered_model(client, name, uri).aliases.get(CHAMPION)
+    champion = client.get_model_version(name, str(champion_version)) if champion_version is not None else None
+    gate_ok, gate_reason = gate(cfg, kind, metrics)
+    beats, comparison = compare_with_champion(kind, metrics, champion)
+    passed = gate_ok and beats
+    reason = f"gate {'passed' if gate_ok else 'failed'} ({gate_reason}); {comparison}"
+    train_stage = run.data.tags.get(TAG_STAGE, f"train_{kind}")
+    tags = metric_tags(metrics) | {
+        TAG_GIT_COMMIT: run.data.tags.get(TAG_GIT_COMMIT, "unknown"),
+        TAG_GIT_DIRTY: run.data.tags.get(TAG_GIT_DIRTY, "unknown"),
+        TAG_MANIFEST: run.data.tags.get(TAG_MANIFEST, "unknown"),
+        TAG_PARAMS_HASH: run.data.tags.get(TAG_PARAMS_HASH, "unknown"),
+        TAG_STAGE: train_stage,
+        TAG_REGISTER_STAGE: dvc_stage,
+        TAG_MODEL_SHA: sha256,
+        TAG_GATE_PASSED: str(passed).lower(),
+        TAG_GATE_REASON: reason,
+    }
+    mv = client.create_model_version(
+        name,
+        source=info.model_uri,
+        run_id=run_id,
+        tags=tags,
+        description=_description(name, run, train_stage),
+        model_id=info.model_id,
+    )
+    client.set_registered_model_alias(name, CHAMPION if passed else CHALLENGER, mv.version)
+    return _record(name, client.get_model_version(name, mv.version), passed, reason, True, uri)
+
+
+# --- promotion by hand ------------------------------------------------------------------------------------
+
+
+def promote(cfg: Config, model_name: str, version: str | None, alias: str, force: bool) -> str:
+    """Move ``alias`` to a version (default: the latest), gated like the register stage unless ``force``.
+
+    Returns the report (the gate and the champion comparison); a refused promotion is a ``UserError``.
+    """
+    from mlflow.exceptions import MlflowException
+
+    kind = kind_of(model_name)
+    client, uri = connect(cfg)
+    mv = model_version(client, model_name, uri, version=version)
+    aliases = registered_model(client, model_name, uri).aliases
+    previous = aliases.get(alias)
+    lines = [f"{model_name} v{mv.version} (run {mv.run_id}) -> {alias}"]
+    if force:
+        lines.append("  gate and champion comparison skipped (--force)")
+    elif alias == CHAMPION:
+        metrics = metrics_from_tags(kind, mv.tags, f"{model_name} v{mv.version} tags")
+        champion = client.get_model_version(model_name, str(previous)) if previous is not None else None
+        gate_ok, gate_reason = gate(cfg, kind, metrics)
+        beats, comparison = compare_with_champion(kind, metrics, champion, mv.version)
+        lines += [
+            f"  gate: {'pass' if gate_ok else 'FAIL'}: {gate_reason}",
+            f"  champion: {'pass' if beats else 'FAIL'}: {comparison}",
+        ]
+        if not (gate_ok and beats):
+            why = "; ".join(r for ok, r in ((gate_ok, gate_reason), (beats, comparison)) if not ok)
+            raise UserError(f"{model_name} v{mv.version} not promoted to {alias}: {why} (--force skips the gate)")
+    try:
+        client.set_registered_model_alias(model_name, alias, mv.version)
+        if alias == CHAMPION and str(aliases.get(CHALLENGER)) == str(mv.version):
+            client.delete_registered_model_alias(model_name, CHALLENGER)
+    except MlflowException as exc:
+        raise UserError(f"{model_name}: cannot set alias {alias!r}: {_first_line(exc)}") from None
+    was = f"v{previous}" if previous is not None else "unset"
+    lines.append(f"alias {alias!r}: {was} -> v{mv.version}")
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Training loops that run outside torchrun (the FID feature extractor)."""

@@ -1,0 +1,490 @@
+"""Train the conditional texture GAN under torchrun: DDP, EMA, periodic val FID (keep the best), resumable.
+
+Distribution: G and D are each wrapped in DDP; BatchNorm statistics span the global batch; every random
+draw of a step (latents, fake classes, augmentations) is made for the global batch from a generator seeded
+by (seed, step) and sliced per rank. So the math is the same for any world size at the same
+``gan.batch_size``, and a resumed run continues exactly where the checkpoint left it.
+
+Evaluation: every ``gan.eval_every`` steps (and at step 0 and at the end) the EMA generator draws
+``gan.eval_samples`` class-balanced samples from fixed latents, sharded across ranks (sample i on rank
+i % world_size); their features from the FID extractor are reduced to Gaussian statistics and gathered for
+precision/recall, against the val patches' features computed once at start. The lowest val FID's EMA
+weights are kept: ``out_dir/generator.pt``.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from pipeline import checkpoint
+from pipeline.config import Config, GanConfig
+from pipeline.data.loaders import eval_batches, train_batches
+from pipeline.data.shards import load_manifest
+from pipeline.distributed import DistEnv, all_reduce_sum, distributed
+from pipeline.engine import EXIT_STOPPED, GracefulStop, History, Session, Throughput, check_finite
+from pipeline.errors import UserError
+from pipeline.metrics.fid import GaussianStats, fid_from_stats, gather_features, precision_recall_coverage
+from pipeline.models.features import load_feature_extractor
+from pipeline.models.gan import EMA, Discriminator, Generator, diff_augment, generate_from_noise, noise, sample_grid
+from pipeline.models.gan import save_generator as _save_generator
+from pipeline.models.unet import convert_sync_batchnorm
+
+STAGE = "train_gan"
+SECTIONS = ("data", "train", "gan")
+GRID_COLUMNS = 8
+_STEP_STREAM, _EVAL_STREAM, _GRID_STREAM = 0, 1, 2  # purposes of derived seeds
+STEP_METRICS = ("loss_d", "loss_g", "d_real", "d_fake", "grad_norm_d", "grad_norm_g")
+
+
+def derive_seed(seed: int, *words: int) -> int:
+    """A 63-bit seed for one purpose (and step) derived from the run's seed."""
+    return int(np.random.SeedSequence([seed, *words]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+def _plain(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, DDP) else model
+
+
+def _set_requires_grad(model: nn.Module, flag: bool) -> None:
+    for p in model.parameters():
+        p.requires_grad_(flag)
+
+
+def d_loss(kind: str, real: Tensor, fake: Tensor, smoothing: float) -> Tensor:
+    """Discriminator loss on real/fake logits; one-sided label smoothing for ``ns`` and ``ls``."""
+    if kind == "ns":  # BCE with targets 1 - smoothing (real) and 0 (fake), written with softplus
+        return (F.softplus(real) - (1.0 - smoothing) * real).mean() + F.softplus(fake).mean()
+    if kind == "ls":
+        return 0.5 * ((real - (1.0 - smoothing)) ** 2).mean() + 0.5 * (fake**2).mean()
+    if kind == "hinge":
+        return F.relu(1.0 - real).mean() + F.relu(1.0 + fake).mean()
+    if kind == "wgan-gp":
+        return fake.mean() - real.mean()
+    raise ValueError(f"unknown GAN loss {kind!r}")
+
+
+def g_loss(kind: str, fake: Tensor) -> Tensor:
+    """Generator loss on the discriminator's logits for generated images."""
+    if kind == "ns":
+        return F.softplus(-fake).mean()
+    if kind == "ls":
+        return 0.5 * ((fake - 1.0) ** 2).mean()
+    if kind in ("hinge", "wgan-gp"):
+        return -fake.mean()
+    raise ValueError(f"unknown GAN loss {kind!r}")
+
+
+def _input_gradient(logits: Tensor, inputs: Tensor) -> Tensor:
+    (grad,) = torch.autograd.grad(logits.float().sum(), inputs, create_graph=True)
+    return grad.flatten(1)
+
+
+@dataclass
+class GanModels:
+    """G and D (DDP-wrapped when distributed), the EMA generator and both optimisers."""
+
+    g: nn.Module
+    d: nn.Module
+    ema: EMA
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "g": _plain(self.g).state_dict(),
+            "d": _plain(self.d).state_dict(),
+            "g_ema": self.ema.state_dict(),
+            "opt_g": self.opt_g.state_dict(),
+            "opt_d": self.opt_d.state_dict(),
+        }
+
+    def load(self, state: dict[str, Any]) -> None:
+        _plain(self.g).load_state_dict(state["g"])
+        _plain(self.d).load_state_dict(state["d"])
+        self.ema.load_state_dict(state["g_ema"])
+        self.opt_g.load_state_dict(state["opt_g"])
+        self.opt_d.load_state_dict(state["opt_d"])
+
+
+def _discriminator_batch_norm(gan: GanConfig) -> bool:
+    """BatchNorm in D only without spectral norm and gradient penalties (as in SN-GAN, WGAN-GP, R1 papers).
+
+    A penalty on the gradient w.r.t. one image is ill-defined when batch statistics tie every image's
+    logit to the others (and its double backward would have to run through the cross-rank reduction).
+    """
+    return not gan.spectral_norm and gan.loss != "wgan-gp" and gan.r1_gamma == 0
+
+
+def build_models(gan: GanConfig, num_classes: int, image_size: int, env: DistEnv, channels_last: bool) -> GanModels:
+    """Models initialised from ``torch.manual_seed(0)`` in a forked RNG: identical on every rank and world size.
+
+    (The run's seed drives the data, latents and augmentations; the initial weights are fixed so a
+    seed sweep isolates those.)
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        g = Generator(num_classes, gan.z_dim, gan.channels, image_size)
+        d = Discriminator(
+            num_classes,
+            gan.channels,
+            image_size,
+            conditioning="concat",
+            spectral_norm=gan.spectral_norm,
+            batch_norm=_discriminator_batch_norm(gan),
+        )
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    if env.distributed:
+        g, d = convert_sync_batchnorm(g, env.device), convert_sync_batchnorm(d, env.device)
+    g = g.to(env.device, memory_format=fmt)
+    d = d.to(env.device, memory_format=fmt)
+    ema = EMA(g, gan.ema_decay)
+    opt_g = torch.optim.Adam(g.parameters(), lr=gan.lr_g, betas=(gan.beta1, gan.beta2))
+    opt_d = torch.optim.Adam(d.parameters(), lr=gan.lr_d, betas=(gan.beta1, gan.beta2))
+    if env.distributed:
+        # BatchNorm statistics are synchronised and spectral-norm vectors follow identical weights, so
+        # buffers agree on every rank without DDP broadcasting them at each forward.
+        ids = [env.device.index] if env.device.type == "cuda" else None
+        g = DDP(g, device_ids=ids, forward_sync_buffers=False)
+        d = DDP(d, device_ids=ids, forward_sync_buffers=False)
+    return GanModels(g, d, ema, opt_g, opt_d)
+
+
+class GanStep:
+    """One training step: ``gan.n_critic`` discriminator updates, then one generator update and the EMA.
+
+    Called with this rank's real batches; returns this rank's detached scalars (:data:`STEP_METRICS`).
+    """
+
+    def __init__(
+        self, gan: GanConfig, models: GanModels, env: DistEnv, num_classes: int, seed: int, channels_last: bool
+    ) -> None:
+        self.gan, self.m, self.env, self.num_classes, self.seed = gan, models, env, num_classes, seed
+        self.fmt = torch.channels_last if channels_last else torch.contiguous_format
+
+    def __call__(self, step: int, reals: list[tuple[Tensor, Tensor]]) -> dict[str, Tensor]:
+        gan, m, env = self.gan, self.m, self.env
+        rows = reals[0][0].shape[0]
+        total, offset = rows * env.world_size, rows * env.rank
+        gen = torch.Generator().manual_seed(derive_seed(self.seed, _STEP_STREAM, step))
+
+        def draw_latents() -> tuple[Tensor, Tensor]:
+            z = torch.randn(total, gan.z_dim, generator=gen)[offset : offset + rows]
+            y = torch.randint(0, self.num_classes, (total,), generator=gen)[offset : offset + rows]
+            return z.to(env.device), y.to(env.device)
+
+        def augment(x: Tensor) -> Tensor:
+            return diff_augment(x, gan.diffaug, gen, offset, total) if gan.diffaug else x
+
+        def uniform() -> Tensor:
+            return torch.rand(total, generator=gen)[offset : offset + rows].to(env.device)
+
+        for i, (images, labels) in enumerate(reals):
+            real = images.to(env.device, memory_format=self.fmt).mul(2).sub(1)
+            z, y_fake = draw_latents()
+            last = i == len(reals) - 1
+            with env.autocast(), torch.set_grad_enabled(last):
+                fake = m.g(z, y_fake)  # the last one keeps its graph for the generator update
+            loss_d, d_real, d_fake, norm_d = self._d_update(
+                augment(real), labels.to(env.device), augment(fake.detach()), y_fake, uniform
+            )
+
+        d_plain = _plain(m.d)  # not the DDP wrapper: D's parameters get no gradient in this update
+        _set_requires_grad(d_plain, False)
+        try:
+            with env.autocast():
+                loss_g = g_loss(gan.loss, d_plain(augment(fake), y_fake).float())
+            m.opt_g.zero_grad(set_to_none=True)
+            loss_g.backward()
+            norm_g = torch.nn.utils.get_total_norm([p.grad for p in m.g.parameters() if p.grad is not None])
+            m.opt_g.step()
+        finally:
+            _set_requires_grad(d_plain, True)
+        m.ema.update(_plain(m.g), step)
+        return {
+            "loss_d": loss_d.detach(),
+            "loss_g": loss_g.detach(),
+            "d_real": d_real,
+            "d_fake": d_fake,
+            "grad_norm_d": norm_d,
+            "grad_norm_g": norm_g.detach(),
+        }
+
+    def _d_update(
+        self, real: Tensor, labels: Tensor, fake: Tensor, y_fake: Tensor, uniform: Callable[[], Tensor]
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        gan, m, env = self.gan, self.m, self.env
+        if gan.r1_gamma > 0:
+            real = real.detach().requires_grad_(True)
+        with env.autocast():
+            logits_real = m.d(real, labels).float()
+            logits_fake = m.d(fake, y_fake).float()
+        loss = d_loss(gan.loss, logits_real, logits_fake, gan.label_smoothing)
+        if gan.loss == "wgan-gp":
+            alpha = uniform().view(-1, 1, 1, 1)
+            mixed = (alpha * real.detach() + (1 - alpha) * fake).requires_grad_(True)
+            with env.autocast():
+                logits_mixed = m.d(mixed, labels)
+            loss = loss + gan.gp_lambda * ((_input_gradient(logits_mixed, mixed).norm(dim=1) - 1) ** 2).mean()
+        if gan.r1_gamma > 0:
+            loss = loss + 0.5 * gan.r1_gamma * _input_gradient(logits_real, real).square().sum(1).mean()
+        m.opt_d.zero_grad(set_to_none=True)
+        loss.backward()
+        norm = torch.nn.utils.get_total_norm([p.grad for p in m.d.parameters() if p.grad is not None])
+        m.opt_d.step()
+        return loss.detach(), logits_real.detach().mean(), logits_fake.detach().mean(), norm.detach()
+
+
+class ValEvaluator:
+    """Quick FID / precision / recall of a generator against the val patches, sharded across ranks."""
+
+    def __init__(
+        self, cfg: Config, shard_dir: Path, features_path: Path, env: DistEnv, num_classes: int, z_dim: int
+    ) -> None:
+        self.env, self.batch_size, self.knn_k = env, cfg.gan.batch_size, cfg.evaluate.knn_k
+        self.extractor, meta = load_feature_extractor(features_path, env.device)
+        self.features_sha256 = meta["sha256"]
+        local = [
+            self._features(images)
+            for images, _ in eval_batches(
+                shard_dir, "patches", "val", self.batch_size, rank=env.rank, world_size=env.world_size
+            )
+        ]
+        real = torch.cat(local)
+        self.real_stats = GaussianStats(real.shape[1])
+        self.real_stats.update(real)
+        self.real_stats.all_reduce()
+        self.real = gather_features(real)
+        n = cfg.gan.eval_samples
+        rows = slice(env.rank, None, env.world_size)  # sample i on rank i % world_size, as gather_features expects
+        self.z = noise(n, z_dim, derive_seed(cfg.seed, _EVAL_STREAM))[rows]
+        self.labels = (torch.arange(n) % num_classes)[rows]
+
+    @torch.no_grad()
+    def _features(self, images: Tensor) -> Tensor:
+        return self.extractor(images.to(self.env.device)).float().cpu()
+
+    def __call__(self, generator: Generator) -> dict[str, float]:
+        images = generate_from_noise(generator, self.z, self.labels, self.batch_size, self.env.device)
+        fake = torch.cat([self._features(b) for b in images.split(self.batch_size)])
+        stats = GaussianStats(fake.shape[1])
+        stats.update(fake)
+        stats.all_reduce()
+        prc = precision_recall_coverage(self.real, gather_features(fake), self.knn_k)
+        return {"val_fid": fid_from_stats(self.real_stats, stats)} | {
+            f"val_{k}": prc[k] for k in ("precision", "recall")
+        }
+
+
+def _png(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+class _MetricLog:
+    """Rank 0's MLflow metrics; after a restart, steps the run already has are not logged twice."""
+
+    def __init__(self, session: Session, resumed: bool) -> None:
+        self.logger = session.logger
+        self.logged_until = self._last_logged_step(session) if resumed and session.env.is_main else -1
+
+    @staticmethod
+    def _last_logged_step(session: Session) -> int:
+        import mlflow
+
+        client = mlflow.MlflowClient()
+        keys = client.get_run(session.run_id).data.metrics
+        return max((m.step for k in keys for m in client.get_metric_history(session.run_id, k)), default=-1)
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if step > self.logged_until:
+            self.logger.log_metrics(metrics, step)
+
+
+class _Window:
+    """Per-step metrics averaged over a logging window."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.count = 0
+
+    def add(self, values: dict[str, float]) -> None:
+        for k, v in values.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.count += 1
+
+    def flush(self) -> dict[str, float]:
+        out = {k: v / self.count for k, v in self.sums.items()} if self.count else {}
+        self.sums, self.count = {}, 0
+        return out
+
+
+def _reduced(values: dict[str, Tensor], world_size: int) -> dict[str, float]:
+    """Per-rank scalars averaged over ranks in one collective (every rank gets the same numbers)."""
+    packed = torch.stack([values[k].float() for k in STEP_METRICS]).to(torch.float64)
+    means = (all_reduce_sum(packed) / world_size).tolist()
+    return dict(zip(STEP_METRICS, means, strict=True))
+
+
+def _real_batches(
+    cfg: Config, shard_dir: Path, env: DistEnv, rows: int, per_epoch: int, consumed: int
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """Endless real batches, starting after the ``consumed`` first ones (resume mid-epoch)."""
+    epoch, skip = divmod(consumed, per_epoch)
+    while True:
+        batches = train_batches(
+            shard_dir,
+            "patches",
+            "train",
+            rows,
+            per_epoch,
+            rank=env.rank,
+            world_size=env.world_size,
+            num_workers=cfg.train.num_workers,
+            seed=cfg.seed,
+            epoch=epoch,
+        )
+        yield from islice(batches, skip, None)
+        epoch, skip = epoch + 1, 0
+
+
+def _check_resumable(ckpt: dict[str, Any] | None, session: Session, features_sha256: str) -> dict[str, Any] | None:
+    """A checkpoint evaluated with another feature extractor is treated like one from other params."""
+    if ckpt is None or ckpt.get("features_sha256") == features_sha256:
+        return ckpt
+    if session.cfg.train.on_params_change == "error":
+        raise checkpoint.CheckpointError(
+            f"{session.last_path}: checkpoint was evaluated with another feature extractor; "
+            "delete it or set train.on_params_change: restart"
+        )
+    session.print(f"{STAGE}: feature extractor changed, starting afresh")
+    session.run_id = None
+    return None
+
+
+class _GanRun:
+    """One execution of the stage on this rank: models, evaluator, session, resume state, the loop, outputs."""
+
+    def __init__(self, cfg: Config, shard_dir: Path, features_path: Path, out_dir: Path, ckpt_dir: Path, env: DistEnv):
+        gan = cfg.gan
+        if gan.batch_size % env.world_size:
+            raise UserError(f"gan.batch_size: {gan.batch_size} is not divisible by the world size {env.world_size}")
+        manifest = load_manifest(shard_dir)
+        self.cfg, self.env, self.shard_dir = cfg, env, shard_dir
+        self.classes = list(manifest["classes"])
+        self.per_epoch = max(1, manifest["splits"]["train"]["patches"]["samples"] // gan.batch_size)
+        self.session = Session(cfg, STAGE, SECTIONS, env, ckpt_dir, out_dir, shard_dir / "manifest.json")
+        self.models = build_models(gan, len(self.classes), cfg.data.patch_size, env, cfg.train.channels_last)
+        self.evaluate = ValEvaluator(cfg, shard_dir, features_path, env, len(self.classes), gan.z_dim)
+        ckpt = _check_resumable(self.session.resume(), self.session, self.evaluate.features_sha256)
+        self.start = 0 if ckpt is None else int(ckpt["step"])
+        self.history = History(None if ckpt is None else ckpt["history"])
+        self.best: dict[str, Any] | None = None if ckpt is None else ckpt["best"]
+        if ckpt is not None:
+            self.models.load(ckpt)
+        self.session.start_run(tags={"fid_features.sha256": self.evaluate.features_sha256})
+        self.metrics = _MetricLog(self.session, resumed=ckpt is not None)
+        self.step_fn = GanStep(gan, self.models, env, len(self.classes), cfg.seed, cfg.train.channels_last)
+
+    def state(self) -> dict[str, Any]:
+        extra = {"history": self.history.rows, "best": self.best, "features_sha256": self.evaluate.features_sha256}
+        return self.models.state() | extra
+
+    def run_eval(self, step: int) -> dict[str, float]:
+        """Val metrics of the EMA generator; a new best is kept (and written by rank 0)."""
+        ema = self.models.ema
+        result = self.evaluate(ema.module)
+        if self.best is None or result["val_fid"] < self.best["val_fid"]:
+            weights = {k: v.detach().cpu().clone() for k, v in ema.state_dict().items()}
+            self.best = {"step": step, "val_fid": result["val_fid"], "state": weights}
+            if self.env.is_main:
+                self._write_generator(ema.module)
+        return result | {"best_val_fid": self.best["val_fid"], "best_step": self.best["step"]}
+
+    def _write_generator(self, generator: Generator) -> None:
+        meta = {"classes": self.classes, "step": self.best["step"], "val_fid": self.best["val_fid"]}
+        _save_generator(self.session.out_dir / "generator.pt", generator, meta | {"run_id": self.session.run_id})
+
+    def train(self, stop: GracefulStop) -> None:
+        cfg, gan, env, session = self.cfg, self.cfg.gan, self.env, self.session
+        if self.start == 0:
+            row = self.run_eval(0)  # the untrained generator: the baseline later FIDs are read against
+            self.history.append(0, row)
+            self.metrics.log(row, 0)
+            session.save(self.state(), 0)
+        rows = gan.batch_size // env.world_size
+        batches = _real_batches(cfg, self.shard_dir, env, rows, self.per_epoch, self.start * gan.n_critic)
+        window, throughput = _Window(), Throughput()
+        with session.progress(gan.steps, self.start, STAGE) as bar:
+            for step in range(self.start + 1, gan.steps + 1):
+                values = _reduced(self.step_fn(step - 1, [next(batches) for _ in range(gan.n_critic)]), env.world_size)
+                check_finite(values, step, session.last_path)
+                window.add(values)
+                throughput.add(gan.batch_size)
+                bar.update(1)
+                row: dict[str, float] = {}
+                if step % gan.log_every == 0 or step == gan.steps:
+                    row |= window.flush() | {"samples_per_s": throughput.rate()}
+                if step % gan.eval_every == 0 or step == gan.steps:
+                    row |= self.run_eval(step)
+                if row:
+                    self.history.append(step, row)
+                    self.metrics.log(row, step)
+                    bar.set_postfix({k: f"{row[k]:.3g}" for k in ("loss_d", "loss_g", "best_val_fid") if k in row})
+                if env.is_main and step % gan.sample_every == 0:
+                    grid = sample_grid(self.models.ema.module, GRID_COLUMNS, self.grid_seed, env.device)
+                    session.logger.log_image(grid, f"samples/step_{step:06d}.png")
+                if step % gan.checkpoint_every == 0 or step == gan.steps:
+                    session.save(self.state(), step)
+                if stop.should_stop(env.device):
+                    session.save(self.state(), step)
+                    session.print(f"{STAGE}: stopped at step {step}; checkpoint saved to {session.last_path}")
+                    session.logger.end("KILLED")
+                    raise SystemExit(EXIT_STOPPED)
+
+    @property
+    def grid_seed(self) -> int:
+        return derive_seed(self.cfg.seed, _GRID_STREAM)
+
+    def finish(self) -> None:
+        """Rank 0: the best EMA generator, its sample grid, the history and the run record."""
+        session = self.session
+        if self.env.is_main:
+            generator = Generator(**self.models.ema.module.kwargs)
+            generator.load_state_dict(self.best["state"])
+            self._write_generator(generator)
+            samples = session.out_dir / "samples.png"
+            checkpoint.atomic_write_bytes(samples, _png(sample_grid(generator, GRID_COLUMNS, self.grid_seed, "cpu")))
+            self.history.write_csv(session.out_dir / "history.csv")
+            session.write_run_json()
+            session.logger.log_artifact(samples)
+            session.logger.log_artifact(session.out_dir / "history.csv")
+        session.logger.end()
+
+
+def train_gan(cfg: Config, shard_dir: Path, features_path: Path, out_dir: Path, ckpt_dir: Path) -> None:
+    """Train under torchrun (or as one process); rank 0 writes generator.pt, run.json, history.csv, samples.png.
+
+    Resumes from ``ckpt_dir/last.pt`` when it belongs to these params, data and feature extractor.
+    SIGTERM/SIGINT: checkpoint, exit 143. A non-finite loss: :class:`NonFiniteLossError`, checkpoint kept.
+    """
+    with distributed(cfg.train) as env, GracefulStop() as stop:
+        run = _GanRun(cfg, Path(shard_dir), Path(features_path), Path(out_dir), Path(ckpt_dir), env)
+        try:
+            run.train(stop)
+        except Exception:
+            run.session.logger.end("FAILED")
+            raise
+        run.finish()

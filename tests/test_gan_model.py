@@ -1,0 +1,165 @@
+"""Conditional DCGAN pieces: shapes per patch size, conditioning, EMA, DiffAugment, generation, model files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline import checkpoint
+from pipeline.models.gan import (
+    EMA,
+    Discriminator,
+    Generator,
+    diff_augment,
+    generate_images,
+    layout,
+    load_generator,
+    sample_grid,
+    save_generator,
+)
+
+
+@pytest.mark.parametrize(("size", "expected"), [(8, (4, 1)), (16, (4, 2)), (32, (4, 3)), (48, (6, 3)), (64, (4, 4))])
+def test_layout_counts_doublings(size: int, expected: tuple[int, int]) -> None:
+    assert layout(size) == expected
+
+
+@pytest.mark.parametrize("size", [6, 17])
+def test_layout_rejects_unusable_sizes(size: int) -> None:
+    with pytest.raises(ValueError, match="image_size"):
+        layout(size)
+
+
+@pytest.mark.parametrize("size", [16, 32, 64])
+@pytest.mark.parametrize(("conditioning", "sn"), [("concat", False), ("projection", True)])
+def test_generator_and_discriminator_shapes(size: int, conditioning: str, sn: bool) -> None:
+    torch.manual_seed(0)
+    g = Generator(num_classes=3, z_dim=8, channels=8, image_size=size)
+    d = Discriminator(3, 8, size, conditioning=conditioning, spectral_norm=sn, batch_norm=not sn)
+    labels = torch.tensor([0, 1, 2, 1])
+    images = g(torch.randn(4, 8), labels)
+    assert images.shape == (4, 3, size, size)
+    assert images.min() >= -1 and images.max() <= 1
+    logits = d(images, labels)
+    assert logits.shape == (4,)
+    logits.sum().backward()
+    assert all(p.grad is not None for p in g.parameters())
+
+
+@pytest.mark.parametrize("conditioning", ["concat", "projection"])
+def test_discriminator_depends_on_the_class(conditioning: str) -> None:
+    torch.manual_seed(0)
+    d = Discriminator(4, 8, 16, conditioning=conditioning).eval()
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    assert not torch.allclose(d(x, torch.tensor([0, 0])), d(x, torch.tensor([3, 3])))
+
+
+def test_discriminator_accepts_channels_last() -> None:
+    torch.manual_seed(0)
+    d = Discriminator(2, 8, 16).eval()
+    x = torch.rand(3, 3, 16, 16) * 2 - 1
+    y = torch.tensor([0, 1, 1])
+    expected = d(x, y)
+    d_cl = d.to(memory_format=torch.channels_last)
+    assert torch.allclose(d_cl(x.contiguous(memory_format=torch.channels_last), y), expected, atol=1e-5)
+
+
+def test_ema_averages_parameters_and_copies_buffers() -> None:
+    g = Generator(2, 4, 8, 16)
+    ema = EMA(g, decay=0.9)
+    before = {k: v.clone() for k, v in ema.state_dict().items()}
+    with torch.no_grad():
+        for p in g.parameters():
+            p.add_(1.0)
+        for name, b in g.named_buffers():
+            if name.endswith("running_mean"):
+                b.fill_(3.0)
+    ema.update(g, step=1000)  # past the warm-up: the configured decay applies
+    after = ema.state_dict()
+    for name, _ in g.named_parameters():
+        assert torch.allclose(after[name], before[name] + 0.1, atol=1e-6), name
+    for name, b in g.named_buffers():
+        assert torch.equal(after[name], b), name
+    assert not ema.module.training and not any(p.requires_grad for p in ema.module.parameters())
+
+
+def test_ema_warm_up_follows_the_model_early() -> None:
+    g = Generator(2, 4, 8, 16)
+    ema = EMA(g, decay=0.999)
+    with torch.no_grad():
+        for p in g.parameters():
+            p.add_(1.0)
+    ema.update(g, step=0)  # decay (1 + 0) / (10 + 0) = 0.1: mostly the new weights
+    name, p = next(iter(g.named_parameters()))
+    assert torch.allclose(ema.state_dict()[name], p - 0.1, atol=1e-6)
+
+
+@pytest.mark.parametrize("policy", [("color",), ("translation",), ("cutout",), ("color", "translation", "cutout")])
+def test_diff_augment_keeps_shape_changes_images_and_is_differentiable(policy: tuple[str, ...]) -> None:
+    x = (torch.rand(6, 3, 16, 16) * 2 - 1).requires_grad_(True)
+    out = diff_augment(x, policy, torch.Generator().manual_seed(1))
+    assert out.shape == x.shape
+    assert not torch.allclose(out, x)
+    out.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_diff_augment_is_seeded_and_split_invariant() -> None:
+    policy = ("color", "translation", "cutout")
+    x = torch.rand(8, 3, 16, 16) * 2 - 1
+    whole = diff_augment(x, policy, torch.Generator().manual_seed(5))
+    again = diff_augment(x, policy, torch.Generator().manual_seed(5))
+    assert torch.equal(whole, again)
+    halves = [diff_augment(x[i * 4 : i * 4 + 4], policy, torch.Generator().manual_seed(5), i * 4, 8) for i in range(2)]
+    assert torch.allclose(torch.cat(halves), whole)
+    assert not torch.equal(diff_augment(x, policy, torch.Generator().manual_seed(6)), whole)
+
+
+def test_diff_augment_rejects_unknown_policy() -> None:
+    with pytest.raises(ValueError, match="unknown augmentation 'blur'"):
+        diff_augment(torch.zeros(1, 3, 8, 8), ("blur",), torch.Generator())
+
+
+def test_generate_images_is_deterministic_in_range_and_keeps_mode() -> None:
+    torch.manual_seed(0)
+    g = Generator(3, 8, 8, 16).train()
+    labels = torch.tensor([0, 1, 2, 2, 1])
+    a = generate_images(g, labels, seed=3, batch_size=2, device="cpu")
+    b = generate_images(g, labels, seed=3, batch_size=5, device="cpu")
+    assert a.shape == (5, 3, 16, 16) and a.dtype == torch.float32
+    assert a.min() >= 0 and a.max() <= 1
+    assert torch.allclose(a, b, atol=1e-6)  # eval mode: a sample does not depend on its batch
+    assert not torch.allclose(a, generate_images(g, labels, seed=4, batch_size=5, device="cpu"))
+    assert g.training
+
+
+def test_sample_grid_has_one_row_per_class() -> None:
+    g = Generator(3, 8, 8, 16)
+    grid = sample_grid(g, per_class=4, seed=0, device="cpu", pad=2)
+    assert grid.shape == (3 * 18 + 2, 4 * 18 + 2, 3) and grid.dtype.name == "uint8"
+
+
+def test_save_and_load_generator_round_trip(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    g = Generator(3, 8, 8, 32).to(memory_format=torch.channels_last)
+    g.train()(torch.randn(4, 8), torch.tensor([0, 1, 2, 0]))  # non-default BatchNorm statistics
+    meta = {"classes": ["a", "b", "c"], "step": 7, "val_fid": 12.5, "run_id": "abc"}
+    path = tmp_path / "generator.pt"
+    save_generator(path, g, meta)
+    raw = checkpoint.load(path)  # weights_only
+    assert set(raw) == {"kwargs", "state_dict", "meta"}
+    loaded, loaded_meta = load_generator(path)
+    assert loaded_meta == meta and not loaded.training
+    labels = torch.tensor([0, 1, 2])
+    assert torch.allclose(
+        generate_images(loaded, labels, 1, 3, "cpu"), generate_images(g, labels, 1, 3, "cpu"), atol=1e-6
+    )
+
+
+def test_load_generator_rejects_other_files(tmp_path: Path) -> None:
+    path = tmp_path / "other.pt"
+    checkpoint.save({"weights": torch.zeros(2)}, path)
+    with pytest.raises(checkpoint.CheckpointError, match="not a generator model file"):
+        load_generator(path)

@@ -1,0 +1,337 @@
+"""GAN trainer: every loss trains, updates stay separate, and under real torchrun/gloo processes the math is
+the same for world size 1 and 2, a stopped or killed run resumes exactly, and MLflow holds one clean run."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from pipeline import checkpoint, config
+from pipeline.distributed import DistEnv
+from pipeline.engine import EXIT_STOPPED
+from pipeline.models.features import TextureFeatureNet, save_feature_extractor
+from pipeline.models.gan import load_generator
+from pipeline.tracking import stage_params
+from pipeline.training.gan import SECTIONS, GanStep, build_models
+from tests.conftest import ROOT, write_params
+
+STAGE = ROOT / "stages" / "train_gan.py"
+CPU = DistEnv(0, 1, 0, torch.device("cpu"), "gloo", None)
+WEIGHTS = ("g", "d", "g_ema")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """One torch thread here and in the stage processes: tiny models gain nothing from more, and on a busy
+    2-core box spinning OpenMP threads slow them down many times over."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def extractor(tiny_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained (seeded) texture feature net: enough to exercise the val FID plumbing."""
+    classes = json.loads((tiny_shards / "manifest.json").read_text())["classes"]
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("features") / "extractor.pt"
+    save_feature_extractor(path, TextureFeatureNet(len(classes), 16), {"classes": classes})
+    return path
+
+
+def _stage_args(work: Path, shards: Path, features: Path) -> list[str]:
+    return [
+        "--params", str(work / "params.yaml"),
+        "--shards", str(shards),
+        "--features", str(features),
+        "--out", str(work / "out"),
+        "--checkpoints", str(work / "ckpt"),
+    ]  # fmt: skip
+
+
+def _command(work: Path, shards: Path, features: Path, nproc: int | None, restarts: int = 0) -> list[str]:
+    """The stage as one plain process (``nproc=None``) or under torchrun through ``pipeline.launch``."""
+    if nproc is None:
+        return [sys.executable, str(STAGE), *_stage_args(work, shards, features)]
+    launch = [sys.executable, "-m", "pipeline.launch", "--nproc", str(nproc), "--max-restarts", str(restarts)]
+    return [*launch, str(STAGE), *_stage_args(work, shards, features)]
+
+
+def _run(cmd: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def _weights(ckpt_path: Path) -> dict[str, dict[str, torch.Tensor]]:
+    ckpt = checkpoint.load(ckpt_path)
+    return {k: ckpt[k] for k in WEIGHTS}
+
+
+def _wait_for(predicate: Any, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert proc.poll() is None, "process ended early"
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def _checkpoint_step(path: Path) -> int:
+    try:
+        return int(checkpoint.load(path)["step"])
+    except checkpoint.CheckpointError:
+        return -1
+
+
+def _constant_shards(src: Path, dst: Path) -> Path:
+    """A copy of ``src`` whose train patches are all the first train patch, class 0.
+
+    The loaders deliberately give each rank different shards, so only data that looks the same from
+    every rank makes the global batch identical for world size 1 and 2.
+    """
+    shutil.copytree(src, dst)
+    manifest = json.loads((dst / "manifest.json").read_text())
+    png = None
+    for entry in manifest["splits"]["train"]["patches"]["shards"]:
+        path = dst / entry["file"]
+        with tarfile.open(path) as tar:
+            members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+        png = png or next(data for m, data in members if m.name.endswith(".png"))
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w") as tar:
+            for member, data in members:
+                data = png if member.name.endswith(".png") else b"0"
+                member.size = len(data)
+                tar.addfile(member, io.BytesIO(data))
+        blob = buffer.getvalue()
+        path.write_bytes(blob)
+        entry["sha256"], entry["bytes"] = hashlib.sha256(blob).hexdigest(), len(blob)
+    (dst / "manifest.json").write_text(json.dumps(manifest))
+    return dst
+
+
+def _tiny_step(overrides: dict[str, Any], tmp_path: Path) -> tuple[GanStep, Any, list]:
+    cfg = config.load(write_params(tmp_path, overrides))
+    models = build_models(cfg.gan, 4, cfg.data.patch_size, CPU, channels_last=cfg.train.channels_last)
+    gen = torch.Generator().manual_seed(0)
+    reals = [
+        (
+            torch.rand(cfg.gan.batch_size, 3, 16, 16, generator=gen),
+            torch.randint(0, 4, (cfg.gan.batch_size,), generator=gen),
+        )
+        for _ in range(cfg.gan.n_critic)
+    ]
+    return GanStep(cfg.gan, models, CPU, 4, cfg.seed, cfg.train.channels_last), models, reals
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"gan.loss": "ns"},
+        {"gan.loss": "hinge", "gan.spectral_norm": True},
+        {"gan.loss": "ls", "gan.diffaug": ["color", "translation", "cutout"]},
+        {"gan.loss": "wgan-gp", "gan.n_critic": 2},
+        {"gan.loss": "ns", "gan.r1_gamma": 1.0, "train.channels_last": False},
+    ],
+    ids=["ns", "hinge-sn", "ls-diffaug", "wgan-gp", "ns-r1"],
+)
+def test_every_loss_trains(overrides: dict[str, Any], tmp_path: Path) -> None:
+    step, models, reals = _tiny_step(overrides, tmp_path)
+    before = {k: {n: t.clone() for n, t in v.items()} for k, v in models.state().items() if k in WEIGHTS}
+    for i in range(2):
+        out = step(i, reals)
+        assert set(out) == {"loss_d", "loss_g", "d_real", "d_fake", "grad_norm_d", "grad_norm_g"}
+        assert all(torch.isfinite(v) for v in out.values()), out
+    after = models.state()
+    for key in WEIGHTS:
+        changed = [n for n, t in after[key].items() if t.is_floating_point() and not torch.equal(t, before[key][n])]
+        assert changed, f"{key} did not change"
+
+
+def test_generator_and_discriminator_updates_do_not_leak(tmp_path: Path) -> None:
+    step, models, reals = _tiny_step({"gan.n_critic": 2, "gan.r1_gamma": 1.0}, tmp_path)
+    calls = {"g": 0, "d": 0}
+
+    def count(name: str) -> Any:
+        def hook(_: torch.Tensor) -> None:
+            calls[name] += 1
+
+        return hook
+
+    first_g = next(models.g.parameters())
+    first_d = next(models.d.parameters())
+    first_g.register_post_accumulate_grad_hook(count("g"))
+    first_d.register_post_accumulate_grad_hook(count("d"))
+    step(0, reals)
+    assert calls == {"g": 1, "d": 2}  # one backward into G (the G update), one per D update
+
+
+def test_same_step_same_result_and_steps_differ(tmp_path: Path) -> None:
+    a, _, reals = _tiny_step({"gan.diffaug": ["translation"]}, tmp_path)
+    b, _, _ = _tiny_step({"gan.diffaug": ["translation"]}, tmp_path)
+    out_a, out_b = a(3, reals), b(3, reals)
+    assert all(torch.equal(out_a[k], out_b[k]) for k in out_a)
+    assert not torch.equal(a(4, reals)["loss_g"], b(5, reals)["loss_g"])
+
+
+def test_non_finite_loss_is_one_line_and_keeps_the_checkpoint(
+    tiny_shards: Path, extractor: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    # An absurd D learning rate overflows D's weights: the loss becomes inf/NaN within a few steps.
+    write_params(tmp_path, {"gan.lr_d": 1.0e30, "gan.steps": 20, "gan.eval_every": 100, "gan.checkpoint_every": 1})
+    spec = importlib.util.spec_from_file_location("train_gan_stage", STAGE)
+    stage = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stage)
+    with pytest.raises(SystemExit) as exit_info:
+        stage.main(_stage_args(tmp_path, tiny_shards, extractor))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.strip().splitlines() if line.startswith("train_gan: error:")]
+    assert len(lines) == 1 and "Traceback" not in err
+    assert " is nan" in lines[0] or " is inf" in lines[0]
+    assert f"last good checkpoint kept at {tmp_path / 'ckpt' / 'last.pt'}" in lines[0]
+    failed_at = int(lines[0].split("step ")[1].split(":")[0])
+    ckpt = checkpoint.load(tmp_path / "ckpt" / "last.pt")
+    assert ckpt["step"] == failed_at - 1
+    assert all(torch.isfinite(t).all() for t in ckpt["d"].values() if t.is_floating_point())
+
+
+@pytest.mark.slow
+def test_world_size_1_and_2_train_the_same_weights(tiny_shards: Path, extractor: Path, tmp_path: Path) -> None:
+    shards = _constant_shards(tiny_shards, tmp_path / "shards")
+    overrides = {
+        "train.deterministic": True,
+        "gan.steps": 4,
+        "gan.n_critic": 2,
+        "gan.r1_gamma": 0.5,
+        "gan.diffaug": ["color", "translation", "cutout"],
+    }
+    results = {}
+    for nproc in (1, 2):
+        work = tmp_path / f"ws{nproc}"
+        work.mkdir()
+        write_params(work, overrides)
+        proc = _run(_command(work, shards, extractor, nproc))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results[nproc] = checkpoint.load(work / "ckpt" / "last.pt")
+    for key in WEIGHTS:
+        for name, t1 in results[1][key].items():
+            t2 = results[2][key][name]
+            assert torch.allclose(t1.float(), t2.float(), rtol=1e-4, atol=1e-5), f"{key}.{name}"
+    fid = [[row["val_fid"] for row in results[n]["history"] if "val_fid" in row] for n in (1, 2)]
+    assert fid[0] == pytest.approx(fid[1], rel=1e-4)
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("texture-pipeline")
+    sizes = sorted(r.data.tags["world_size"] for r in client.search_runs([experiment.experiment_id]))
+    assert sizes == ["1", "2"]
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_resume_matches_a_straight_run(tiny_shards: Path, extractor: Path, tmp_path: Path) -> None:
+    overrides = {"train.deterministic": True, "gan.steps": 60, "gan.checkpoint_every": 1000, "gan.eval_every": 30}
+    stopped, straight = tmp_path / "stopped", tmp_path / "straight"
+    for work in (stopped, straight):
+        work.mkdir()
+        write_params(work, overrides)
+    last = stopped / "ckpt" / "last.pt"
+    proc = subprocess.Popen(
+        _command(stopped, tiny_shards, extractor, None), cwd=ROOT, stderr=subprocess.PIPE, text=True
+    )
+    _wait_for(last.is_file, proc)  # the step-0 checkpoint: training is under way
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_STOPPED, err[-3000:]
+    step = int(checkpoint.load(last)["step"])
+    assert 0 < step < 60 and f"stopped at step {step}" in err
+
+    resumed = _run(_command(stopped, tiny_shards, extractor, None))
+    assert resumed.returncode == 0 and f"resuming from {last} at step {step}" in resumed.stderr
+    assert _run(_command(straight, tiny_shards, extractor, None)).returncode == 0
+    a, b = _weights(last), _weights(straight / "ckpt" / "last.pt")
+    for key in WEIGHTS:
+        assert all(torch.equal(a[key][n], b[key][n]) for n in a[key]), key
+
+    # A finished run asked again (e.g. DVC removed the outputs) rewrites them from the checkpoint.
+    before = (straight / "out" / "generator.pt").read_bytes()
+    shutil.rmtree(straight / "out")
+    again = _run(_command(straight, tiny_shards, extractor, None))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (straight / "out" / "generator.pt").read_bytes() == before
+
+
+def _worker_pids(launcher: int) -> dict[int, int]:
+    """{rank: pid} of the torchrun workers started by ``launcher``, read from /proc."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        rank = [v.split(b"=", 1)[1] for v in environ if v.startswith(b"RANK=")]
+        if ppid == launcher and rank:
+            found[int(rank[0])] = int(entry.name)
+    return found
+
+
+@pytest.mark.slow
+def test_killed_worker_resumes_in_the_same_mlflow_run(tiny_shards: Path, extractor: Path, tmp_path: Path) -> None:
+    params = write_params(
+        tmp_path,
+        {"gan.steps": 60, "gan.checkpoint_every": 5, "gan.log_every": 5, "gan.eval_every": 20, "gan.sample_every": 20},
+    )
+    last = tmp_path / "ckpt" / "last.pt"
+    log = tmp_path / "stderr.log"
+    with log.open("w") as stderr:
+        proc = subprocess.Popen(_command(tmp_path, tiny_shards, extractor, nproc=2, restarts=1), cwd=ROOT, stderr=stderr)
+        _wait_for(lambda: last.is_file() and _checkpoint_step(last) >= 5, proc)
+        os.kill(_worker_pids(proc.pid)[1], signal.SIGKILL)
+        proc.wait(timeout=240)
+    err = log.read_text()
+    assert proc.returncode == 0, err[-3000:]
+    assert f"resuming from {last}" in err
+
+    ckpt = checkpoint.load(last)
+    assert ckpt["step"] == 60
+    generator, meta = load_generator(tmp_path / "out" / "generator.pt")
+    assert meta["classes"] == ["stripes", "checker", "dots", "brick"] and meta["run_id"] == ckpt["run_id"]
+    assert generator.image_size == 16
+    for name in ("run.json", "history.csv", "samples.png"):
+        assert (tmp_path / "out" / name).is_file(), name
+
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("texture-pipeline")
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.run_id == ckpt["run_id"] == json.loads((tmp_path / "out" / "run.json").read_text())["run_id"]
+    assert run.info.status == "FINISHED" and run.data.tags["world_size"] == "2"
+    expected = stage_params(config.load(params), *SECTIONS)
+    assert set(run.data.params) == set(expected)
+    assert run.data.params["gan.steps"] == "60"
+    for key in ("loss_d", "loss_g", "d_real", "d_fake", "grad_norm_d", "grad_norm_g", "samples_per_s", "val_fid"):
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+        assert steps and len(steps) == len(set(steps)), key
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_fid")) == [0, 20, 40, 60]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"samples.png", "history.csv"} <= artifacts
+    grids = [a.path for a in client.list_artifacts(run.info.run_id, "samples")]
+    assert "samples/step_000020.png" in grids
