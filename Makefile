@@ -35,8 +35,9 @@ format: install
 	$(VENV)/bin/ruff check --fix pipeline stages tests benchmarks
 	$(VENV)/bin/ruff format pipeline stages tests benchmarks
 
-bench: install  ## every benchmark, side-by-side ratios -> benchmarks/results/
-	$(PY) benchmarks/run_all.py
+bench: install  ## every benchmark, side-by-side ratios
+	$(PY) benchmarks/loader.py
+	$(PY) benchmarks/gan_step.py
 
 ui: install  ## MLflow UI on the embedded store
 	mlflow ui --backend-store-uri sqlite:///mlflow.db --default-artifact-root ./mlartifacts --host 127.0.0.1 --port 5000

@@ -125,13 +125,13 @@ def test_kid_matches_torchmetrics() -> None:
 def test_kid_is_unbiased_on_one_distribution() -> None:
     rng = np.random.default_rng(6)
     real, fake = (torch.from_numpy(rng.normal(size=(2000, 16))) for _ in range(2))
-    mean, std = kid(real, fake, subsets=100, subset_size=200, seed=0)
+    mean, std = kid(real, fake, subsets=50, subset_size=200, seed=0)
     # A biased (V-statistic) estimate would add about 2 E[k(x, x)] / m, with k(x, x) = (|x|^2 / d + 1)^3.
     bias = 2 * float((((real * real).sum(1) / 16 + 1) ** 3).mean()) / 200
     assert abs(mean) < 0.1 * bias
-    assert kid(real, fake + 0.25, subsets=100, subset_size=200, seed=0)[0] > bias
+    assert kid(real, fake + 0.25, subsets=50, subset_size=200, seed=0)[0] > bias
     assert std > 0
-    assert kid(real, fake, subsets=100, subset_size=200, seed=0) == (mean, std)
+    assert kid(real[:300], fake, subsets=5, subset_size=200, seed=1) == kid(real[:300], fake, 5, 200, seed=1)
 
 
 def test_kid_caps_subset_size_at_the_smaller_set() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,15 @@ from pipeline.models.gan import (
     sample_grid,
     save_generator,
 )
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Tiny models: one torch thread (extra OpenMP threads only spin on a busy 2-core box)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize(("size", "expected"), [(8, (4, 1)), (16, (4, 2)), (32, (4, 3)), (48, (6, 3)), (64, (4, 4))])

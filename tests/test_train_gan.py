@@ -190,6 +190,7 @@ def test_same_step_same_result_and_steps_differ(tmp_path: Path) -> None:
     assert not torch.equal(a(4, reals)["loss_g"], b(5, reals)["loss_g"])
 
 
+@pytest.mark.slow
 def test_non_finite_loss_is_one_line_and_keeps_the_checkpoint(
     tiny_shards: Path, extractor: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
@@ -249,13 +250,13 @@ def test_sigterm_saves_and_resume_matches_a_straight_run(tiny_shards: Path, extr
     for work in (stopped, straight):
         work.mkdir()
         write_params(work, overrides)
-    last = stopped / "ckpt" / "last.pt"
-    proc = subprocess.Popen(
-        _command(stopped, tiny_shards, extractor, None), cwd=ROOT, stderr=subprocess.PIPE, text=True
-    )
-    _wait_for(last.is_file, proc)  # the step-0 checkpoint: training is under way
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
+    last, log = stopped / "ckpt" / "last.pt", stopped / "stderr.log"
+    with log.open("w") as stderr:
+        proc = subprocess.Popen(_command(stopped, tiny_shards, extractor, None), cwd=ROOT, stderr=stderr)
+        _wait_for(last.is_file, proc)  # the step-0 checkpoint: training is under way
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+    err = log.read_text()
     assert proc.returncode == EXIT_STOPPED, err[-3000:]
     step = int(checkpoint.load(last)["step"])
     assert 0 < step < 60 and f"stopped at step {step}" in err
@@ -300,8 +301,9 @@ def test_killed_worker_resumes_in_the_same_mlflow_run(tiny_shards: Path, extract
     )
     last = tmp_path / "ckpt" / "last.pt"
     log = tmp_path / "stderr.log"
+    command = _command(tmp_path, tiny_shards, extractor, nproc=2, restarts=1)
     with log.open("w") as stderr:
-        proc = subprocess.Popen(_command(tmp_path, tiny_shards, extractor, nproc=2, restarts=1), cwd=ROOT, stderr=stderr)
+        proc = subprocess.Popen(command, cwd=ROOT, stderr=stderr)
         _wait_for(lambda: last.is_file() and _checkpoint_step(last) >= 5, proc)
         os.kill(_worker_pids(proc.pid)[1], signal.SIGKILL)
         proc.wait(timeout=240)

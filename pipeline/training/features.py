@@ -62,7 +62,8 @@ def evaluate_accuracy(model: TextureFeatureNet, shard_dir: Path, batch_size: int
 def train_feature_extractor(cfg: Config, shard_dir: Path, out_dir: Path, progress: bool = True) -> dict[str, Any]:
     """Train ``TextureFeatureNet`` on the train patches, test it, write ``extractor.pt`` + ``extractor.json``.
 
-    Single process, deterministic from ``cfg.seed``; returns the summary written to ``extractor.json``.
+    Single process, deterministic from ``cfg.seed`` (for a given number of torch threads: float sums
+    depend on how work is split); returns the summary written to ``extractor.json``.
     """
     ev = cfg.evaluate
     classes = list(load_manifest(shard_dir)["classes"])

@@ -250,10 +250,12 @@ class ValEvaluator:
     """Quick FID / precision / recall of a generator against the val patches, sharded across ranks."""
 
     def __init__(
-        self, cfg: Config, shard_dir: Path, features_path: Path, env: DistEnv, num_classes: int, z_dim: int
+        self, cfg: Config, shard_dir: Path, features_path: Path, env: DistEnv, classes: list[str], z_dim: int
     ) -> None:
         self.env, self.batch_size, self.knn_k = env, cfg.gan.batch_size, cfg.evaluate.knn_k
         self.extractor, meta = load_feature_extractor(features_path, env.device)
+        if meta.get("classes", classes) != classes:
+            raise UserError(f"{features_path}: feature extractor was trained on other classes than {shard_dir}")
         self.features_sha256 = meta["sha256"]
         local = [
             self._features(images)
@@ -269,7 +271,7 @@ class ValEvaluator:
         n = cfg.gan.eval_samples
         rows = slice(env.rank, None, env.world_size)  # sample i on rank i % world_size, as gather_features expects
         self.z = noise(n, z_dim, derive_seed(cfg.seed, _EVAL_STREAM))[rows]
-        self.labels = (torch.arange(n) % num_classes)[rows]
+        self.labels = (torch.arange(n) % len(classes))[rows]
 
     @torch.no_grad()
     def _features(self, images: Tensor) -> Tensor:
@@ -282,9 +284,8 @@ class ValEvaluator:
         stats.update(fake)
         stats.all_reduce()
         prc = precision_recall_coverage(self.real, gather_features(fake), self.knn_k)
-        return {"val_fid": fid_from_stats(self.real_stats, stats)} | {
-            f"val_{k}": prc[k] for k in ("precision", "recall")
-        }
+        fid = fid_from_stats(self.real_stats, stats)
+        return {"val_fid": fid, "val_precision": prc["precision"], "val_recall": prc["recall"]}
 
 
 def _png(image: np.ndarray) -> bytes:
@@ -384,10 +385,11 @@ class _GanRun:
         manifest = load_manifest(shard_dir)
         self.cfg, self.env, self.shard_dir = cfg, env, shard_dir
         self.classes = list(manifest["classes"])
+        self.patch_size = int(manifest["params"]["patch_size"])  # what the shards hold, whatever params.yaml says
         self.per_epoch = max(1, manifest["splits"]["train"]["patches"]["samples"] // gan.batch_size)
         self.session = Session(cfg, STAGE, SECTIONS, env, ckpt_dir, out_dir, shard_dir / "manifest.json")
-        self.models = build_models(gan, len(self.classes), cfg.data.patch_size, env, cfg.train.channels_last)
-        self.evaluate = ValEvaluator(cfg, shard_dir, features_path, env, len(self.classes), gan.z_dim)
+        self.models = build_models(gan, len(self.classes), self.patch_size, env, cfg.train.channels_last)
+        self.evaluate = ValEvaluator(cfg, shard_dir, features_path, env, self.classes, gan.z_dim)
         ckpt = _check_resumable(self.session.resume(), self.session, self.evaluate.features_sha256)
         self.start = 0 if ckpt is None else int(ckpt["step"])
         self.history = History(None if ckpt is None else ckpt["history"])
