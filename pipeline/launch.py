@@ -51,6 +51,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("args", nargs=argparse.REMAINDER)
     ns = parser.parse_args(argv)
     argv_out = torchrun_argv(resolve_nproc(ns.nproc), ns.max_restarts, ns.script, ns.args)
+    # torchrun's shared rendezvous store hands restarted workers the dead workers' gloo addresses
+    # (pytorch#135712): restarts then fail or hang. A fresh store per restart avoids it.
+    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     sys.stdout.flush()
     os.execv(sys.executable, argv_out)
 

@@ -230,10 +230,6 @@ def test_stage_outputs_mlflow_run_and_exact_resume_after_sigterm(
 
 
 @pytest.mark.slow
-@pytest.mark.skip(
-    reason="a group SIGTERM also kills DataLoader workers, so the loop dies with 'DataLoader worker killed' "
-    "instead of checkpointing; workers must ignore SIGTERM (issue 5)"
-)
 def test_sigterm_exits_143_with_a_loadable_checkpoint(tiny_params, tiny_shards: Path, tmp_path: Path) -> None:
     """One plain process with a DataLoader worker: the stop signal must not kill the worker and fail the run."""
     params = tiny_params(RESUMABLE | {"train.nproc_per_node": 1, "train.num_workers": 1})

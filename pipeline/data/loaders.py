@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import re
+import signal
 import tarfile
 from collections.abc import Iterable, Iterator, Sequence
 from functools import partial
@@ -274,7 +275,15 @@ def train_batches(
         num_workers=num_workers,
         persistent_workers=False,
         generator=torch.Generator().manual_seed(seed),  # leave the caller's global torch RNG untouched
+        worker_init_fn=_ignore_stop_signals,
     )
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """A stop signal sent to the process group is the trainer's to handle (checkpoint, exit 143): workers
+    must not die of it, or the main process fails with "DataLoader worker killed" before it can save."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def eval_batches(

@@ -6,8 +6,8 @@
 - :class:`Discriminator`: the mirror image with LeakyReLU(0.2). The class enters either as one-hot maps
   concatenated to the image (``"concat"``, the recipe measured best here) or through a projection
   (Miyato & Koyama 2018: ``<embed(y), sum-pooled features>`` added to the logit). Optional spectral norm
-  (Miyato et al. 2018) on every layer; BatchNorm is off with spectral norm or a gradient penalty, as in
-  SN-GAN and WGAN-GP.
+  (Miyato et al. 2018) on every layer and optional BatchNorm (the trainer drops it with spectral norm or a
+  gradient penalty, as SN-GAN, WGAN-GP and R1 do).
 - :class:`EMA` of the generator's weights (the model that is evaluated and shipped), :func:`diff_augment`
   (Zhao et al. 2020: colour, translation, cutout; differentiable, applied to real and fake images).
 - :func:`generate_images`, :func:`save_generator`, :func:`load_generator`: the model file contract.

@@ -44,7 +44,7 @@ from pipeline.models.unet import convert_sync_batchnorm
 STAGE = "train_gan"
 SECTIONS = ("data", "train", "gan")
 GRID_COLUMNS = 8
-_STEP_STREAM, _EVAL_STREAM, _GRID_STREAM = 0, 1, 2  # purposes of derived seeds
+_STEP_STREAM, _EVAL_STREAM, _GRID_STREAM, _INIT_STREAM = 0, 1, 2, 3  # purposes of derived seeds
 STEP_METRICS = ("loss_d", "loss_g", "d_real", "d_fake", "grad_norm_d", "grad_norm_g")
 
 
@@ -127,14 +127,13 @@ def _discriminator_batch_norm(gan: GanConfig) -> bool:
     return not gan.spectral_norm and gan.loss != "wgan-gp" and gan.r1_gamma == 0
 
 
-def build_models(gan: GanConfig, num_classes: int, image_size: int, env: DistEnv, channels_last: bool) -> GanModels:
-    """Models initialised from ``torch.manual_seed(0)`` in a forked RNG: identical on every rank and world size.
-
-    (The run's seed drives the data, latents and augmentations; the initial weights are fixed so a
-    seed sweep isolates those.)
-    """
+def build_models(
+    gan: GanConfig, num_classes: int, image_size: int, env: DistEnv, channels_last: bool, seed: int
+) -> GanModels:
+    """G, D (DDP-wrapped when distributed), EMA and optimisers; initial weights drawn from ``seed`` in a forked
+    RNG, so they are the same on every rank and for every world size."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
+        torch.manual_seed(derive_seed(seed, _INIT_STREAM))
         g = Generator(num_classes, gan.z_dim, gan.channels, image_size)
         d = Discriminator(
             num_classes,
@@ -332,7 +331,7 @@ class _Window:
         return out
 
 
-def _reduced(values: dict[str, Tensor], world_size: int) -> dict[str, float]:
+def reduce_metrics(values: dict[str, Tensor], world_size: int) -> dict[str, float]:
     """Per-rank scalars averaged over ranks in one collective (every rank gets the same numbers)."""
     packed = torch.stack([values[k].float() for k in STEP_METRICS]).to(torch.float64)
     means = (all_reduce_sum(packed) / world_size).tolist()
@@ -388,7 +387,7 @@ class _GanRun:
         self.patch_size = int(manifest["params"]["patch_size"])  # what the shards hold, whatever params.yaml says
         self.per_epoch = max(1, manifest["splits"]["train"]["patches"]["samples"] // gan.batch_size)
         self.session = Session(cfg, STAGE, SECTIONS, env, ckpt_dir, out_dir, shard_dir / "manifest.json")
-        self.models = build_models(gan, len(self.classes), self.patch_size, env, cfg.train.channels_last)
+        self.models = build_models(gan, len(self.classes), self.patch_size, env, cfg.train.channels_last, cfg.seed)
         self.evaluate = ValEvaluator(cfg, shard_dir, features_path, env, self.classes, gan.z_dim)
         ckpt = _check_resumable(self.session.resume(), self.session, self.evaluate.features_sha256)
         self.start = 0 if ckpt is None else int(ckpt["step"])
@@ -431,7 +430,8 @@ class _GanRun:
         window, throughput = _Window(), Throughput()
         with session.progress(gan.steps, self.start, STAGE) as bar:
             for step in range(self.start + 1, gan.steps + 1):
-                values = _reduced(self.step_fn(step - 1, [next(batches) for _ in range(gan.n_critic)]), env.world_size)
+                reals = [next(batches) for _ in range(gan.n_critic)]
+                values = reduce_metrics(self.step_fn(step - 1, reals), env.world_size)
                 check_finite(values, step, session.last_path)
                 window.add(values)
                 throughput.add(gan.batch_size)
