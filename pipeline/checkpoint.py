@@ -8,15 +8,17 @@ import os
 import random
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
+from torch import nn
 
 from pipeline.errors import UserError
 
 LAST = "last.pt"
 BEST = "best.pt"
+M = TypeVar("M", bound=nn.Module)
 
 
 class CheckpointError(UserError):
@@ -69,6 +71,26 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises many types for a bad file
         raise CheckpointError(f"{path}: cannot load checkpoint ({type(exc).__name__}: {exc})") from None
+
+
+def save_model(path: str | Path, model: nn.Module, kwargs: dict[str, Any], meta: dict[str, Any]) -> None:
+    """A model file: ``{"kwargs", "state_dict", "meta"}`` with CPU tensors, written atomically, loadable with
+    ``weights_only=True`` on any device (a model trained on CUDA loads on a CPU box)."""
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save({"kwargs": dict(kwargs), "state_dict": state, "meta": dict(meta)}, path)
+
+
+def load_model(path: str | Path, cls: type[M], what: str) -> tuple[M, dict[str, Any]]:
+    """``cls(**kwargs)`` with the file's weights, on CPU, and its meta; one clear error naming the file when it is
+    not a ``what`` model file."""
+    payload = load(path, map_location="cpu")
+    try:
+        model = cls(**payload["kwargs"])
+        model.load_state_dict(payload["state_dict"])
+        meta = dict(payload["meta"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{path}: not a {what} file ({type(exc).__name__}: {exc})") from None
+    return model, meta
 
 
 def rng_state() -> dict[str, Any]:

@@ -93,6 +93,7 @@ class GanConfig:
     z_dim: int = _positive()
     channels: int = _check(lambda v: v > 0 and v % 8 == 0, "a positive multiple of 8")
     loss: Literal["ns", "hinge", "ls", "wgan-gp"]
+    conditioning: Literal["concat", "projection"]
     spectral_norm: bool
     lr_g: float = _positive()
     lr_d: float = _positive()
@@ -148,7 +149,7 @@ class EvaluateConfig:
 
 @dataclass(frozen=True)
 class GanGate:
-    max_fid: float = _positive()
+    max_fid_ratio: float = _positive()
     min_recall: float = _check(lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]")
 
 

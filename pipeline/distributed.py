@@ -12,10 +12,12 @@ import os
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch import Tensor, nn
 
 from pipeline.config import TrainConfig
 from pipeline.errors import UserError
@@ -162,3 +164,84 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     """True on every rank when ``flag`` is true on at least one (e.g. a stop request)."""
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     return bool(all_reduce_sum(t).item() > 0)
+
+
+def collective_device() -> torch.device:
+    """Where tensors must live for the current process group's collectives."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+class SyncBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d whose training statistics cover the whole global batch, on any device and backend.
+
+    ``nn.SyncBatchNorm`` raises on CPU tensors; this one gathers each rank's per-channel mean, variance
+    and count with one differentiable all-reduce and combines them exactly (Chan et al.), so the
+    forward and backward match a single process holding the global batch.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        world, rank = dist.get_world_size(), dist.get_rank()
+        xf = x.float()
+        var, mean = torch.var_mean(xf, dim=(0, 2, 3), unbiased=False)
+        count = xf.new_full((1,), xf.numel() // xf.shape[1])
+        row = torch.cat([mean, var, count])
+        table = _AllReduceSum.apply(torch.stack([row if r == rank else torch.zeros_like(row) for r in range(world)]))
+        c = x.shape[1]
+        means, variances, counts = table[:, :c], table[:, c : 2 * c], table[:, 2 * c :]
+        total = counts.sum()
+        g_mean = (counts * means).sum(0) / total
+        g_var = (counts * (variances + (means - g_mean) ** 2)).sum(0) / total
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+                unbiased = g_var * total / (total - 1).clamp(min=1)
+                self.running_mean.lerp_(g_mean.to(self.running_mean.dtype), momentum)
+                self.running_var.lerp_(unbiased.to(self.running_var.dtype), momentum)
+        scale = torch.rsqrt(g_var + self.eps)
+        if self.affine:
+            shift = self.bias - g_mean * scale * self.weight
+            scale = scale * self.weight
+        else:
+            shift = -g_mean * scale
+        return (xf * scale[None, :, None, None] + shift[None, :, None, None]).to(x.dtype)
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks; the gradient of a sum that every rank sees is the sum of every rank's gradient."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: Tensor) -> Tensor:
+        out = tensor.clone()
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
+    """Every BatchNorm2d synchronised across ranks: ``nn.SyncBatchNorm`` on CUDA, :class:`SyncBatchNorm2d` elsewhere."""
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    if type(module) is nn.BatchNorm2d:
+        sync = SyncBatchNorm2d(
+            module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats
+        )
+        sync.load_state_dict(module.state_dict())
+        return sync.to(device)
+    for name, child in module.named_children():
+        module.add_module(name, convert_sync_batchnorm(child, device))
+    return module
+
+
+def plain_module(model: nn.Module) -> nn.Module:
+    """The model inside a DDP wrapper (or the model itself)."""
+    return getattr(model, "module", model)

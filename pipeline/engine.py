@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import signal
 import sys
 import time
@@ -174,14 +173,6 @@ class Session:
     def print(self, message: str) -> None:
         if self.env.is_main:
             print(message, file=sys.stderr, flush=True)
-
-
-def read_run_json(model_dir: Path) -> dict[str, Any]:
-    path = Path(model_dir) / "run.json"
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UserError(f"{path}: cannot read training run record ({exc})") from None
 
 
 class Throughput:

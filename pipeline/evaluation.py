@@ -30,13 +30,12 @@ from torch import Tensor, nn
 from pipeline.config import Config
 from pipeline.data.loaders import eval_batches
 from pipeline.data.shards import load_manifest
-from pipeline.distributed import DistEnv, all_gather_cat, all_reduce_sum, broadcast_object
+from pipeline.distributed import DistEnv, all_gather_cat, all_reduce_sum, broadcast_object, collective_device
 from pipeline.errors import UserError
 from pipeline.metrics.fid import (
     KID_SUBSET_SIZE,
     KID_SUBSETS,
     GaussianStats,
-    collective_device,
     diversity_ratio,
     fid_from_stats,
     gather_features,
@@ -212,9 +211,9 @@ def gan_plot_data(
 def evaluate_gan(cfg: Config, env: DistEnv, shard_dir: Path, generator_path: Path, features_path: Path) -> dict:
     """``{"metrics": gan.json content (every rank), "plots": sample grid data (rank 0; {} elsewhere)}``.
 
-    ``metrics``: fid, kid_mean, kid_std, fid_features, num_samples, num_real, precision, recall, density,
-    coverage, diversity, diversity_per_class, fid_per_class and baselines (fid_untrained, fid_real, with
-    the recall and diversity of each, and num_real_train).
+    ``metrics``: fid, fid_ratio (fid / fid_untrained), kid_mean, kid_std, fid_features, num_samples, num_real,
+    precision, recall, density, coverage, diversity, diversity_per_class, fid_per_class and baselines
+    (fid_untrained, fid_real, with the recall and diversity of each, and num_real_train).
     """
     shard_dir, ev = Path(shard_dir), cfg.evaluate
     classes = list(load_manifest(shard_dir)["classes"])
@@ -241,7 +240,13 @@ def evaluate_gan(cfg: Config, env: DistEnv, shard_dir: Path, generator_path: Pat
             baselines[f"fid_{name}"] = frechet(real, f)
             baselines[f"recall_{name}"] = precision_recall_coverage(real, f, ev.knn_k)["recall"]
             baselines[f"diversity_{name}"] = _finite(diversity_ratio(real, real_labels, f, f_labels)["mean"])
-        metrics |= {"fid_features": features_name, "baselines": baselines | {"num_real_train": int(train.shape[0])}}
+        metrics |= {
+            # FID's scale belongs to the extractor; its ratio to the untrained generator's FID in the same
+            # features is what the register gate reads (1 = no better than the initial weights).
+            "fid_ratio": metrics["fid"] / baselines["fid_untrained"],
+            "fid_features": features_name,
+            "baselines": baselines | {"num_real_train": int(train.shape[0])},
+        }
         plots = gan_plot_data(generator, shard_dir, classes, cfg.seed, ev.batch_size, env.device)
     return {"metrics": broadcast_object(metrics), "plots": plots}
 

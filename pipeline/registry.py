@@ -1,10 +1,12 @@
 """MLflow Model Registry: log the pyfunc models into their training runs, register versions with lineage,
 gate them, and move the ``champion``/``challenger`` aliases.
 
-A version passes when its evaluation metrics clear the thresholds in ``params.yaml`` (``register.*``)
-*and* it beats the current champion on the same metric (for the GAN: FID from the same feature
-extractor; FIDs from different extractors are not comparable, so that comparison is skipped and the
-reason says so). A passing version becomes ``champion``, any other ``challenger``.
+A version passes when its evaluation metrics clear the thresholds in ``params.yaml`` (``register.*``; for
+the GAN: ``fid_ratio``, its FID over the untrained generator's FID in the same features, which does not
+depend on the extractor's scale, and a minimum recall, so a collapsed generator never passes) *and* it
+beats the current champion on the same metric (for the GAN: FID from the same feature extractor; FIDs
+from different extractors are not comparable, so that comparison is skipped and the reason says so).
+A passing version becomes ``champion``, any other ``challenger``.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from pipeline.tracking import (
     TAG_PARAMS_HASH,
     TAG_STAGE,
     file_sha256,
+    read_run_json,
     tracking_uri,
 )
 
@@ -39,7 +42,7 @@ if TYPE_CHECKING:
 
 MODEL_NAMES = {"gan": "texture-gan", "segmenter": "texture-segmenter"}
 MODEL_FILES = {"gan": "generator.pt", "segmenter": "model.pt"}
-REQUIRED_METRICS = {"gan": ("fid", "recall", "fid_features"), "segmenter": ("miou",)}
+REQUIRED_METRICS = {"gan": ("fid", "fid_ratio", "recall", "fid_features"), "segmenter": ("miou",)}
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 TAG_MODEL_SHA = "model.sha256"
@@ -191,9 +194,9 @@ def check_metrics(kind: str, metrics: Any, source: str) -> None:
 def gate(cfg: Config, kind: str, metrics: dict[str, Any]) -> tuple[bool, str]:
     """The thresholds of ``register.<kind>`` in params: (passed, which checks passed or failed and why)."""
     if kind == "gan":
-        fid, recall = _number(metrics["fid"]), _number(metrics["recall"])
+        ratio, recall, limit = _number(metrics["fid_ratio"]), _number(metrics["recall"]), cfg.register.gan.max_fid_ratio
         checks = [
-            (fid <= cfg.register.gan.max_fid, f"fid {fid:.4g} {{}} max_fid {cfg.register.gan.max_fid:g}", "<=", ">"),
+            (ratio <= limit, f"fid_ratio {ratio:.4g} {{}} max_fid_ratio {limit:g}", "<=", ">"),
             (
                 recall >= cfg.register.gan.min_recall,
                 f"recall {recall:.4g} {{}} min_recall {cfg.register.gan.min_recall:g}",
@@ -396,7 +399,6 @@ def register_model(
     Idempotent: when a version of this model already exists for the same training run and the same
     model-file sha256, that version is returned (``created: False``) and nothing is logged or moved.
     """
-    from pipeline.engine import read_run_json
 
     name = MODEL_NAMES[kind]
     check_metrics(kind, metrics, f"{kind} metrics")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import platform
 import subprocess
@@ -86,13 +87,14 @@ class RunLogger:
     """An MLflow run driven by rank 0; every method is a no-op on other ranks (``enabled=False``).
 
     ``run_id`` resumes an existing run (a torchrun restart resuming from its checkpoint): params
-    are then not logged again, since MLflow params are immutable.
+    are then not logged again, since MLflow params are immutable, and metrics at steps the run
+    already has (logged after the checkpoint, before the crash) are not logged twice.
     """
 
     def __init__(self, cfg: Config, stage: str, enabled: bool, run_id: str | None = None) -> None:
         self.cfg, self.stage, self.enabled = cfg, stage, enabled
         self.run_id: str | None = run_id
-        self._resumed = run_id is not None
+        self._logged_until = -1
 
     def start(self, params: dict[str, Any], tags: dict[str, str]) -> str | None:
         if not self.enabled:
@@ -110,6 +112,8 @@ class RunLogger:
             )
         else:
             client.update_run(self.run_id, status="RUNNING")
+            history = (client.get_metric_history(self.run_id, k) for k in client.get_run(self.run_id).data.metrics)
+            self._logged_until = max((m.step for h in history for m in h), default=-1)
         base = {
             TAG_STAGE: self.stage,
             "python": platform.python_version(),
@@ -119,7 +123,7 @@ class RunLogger:
         return self.run_id
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        if not self.enabled or not metrics:
+        if not self.enabled or not metrics or step <= self._logged_until:
             return
         import mlflow
 
@@ -175,3 +179,11 @@ def log_run_metrics(cfg: Config, run_id: str, metrics: dict[str, float], artifac
     client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, float(v), ts, 0) for k, v in sorted(metrics.items())])
     for path in artifacts or []:
         client.log_artifact(run_id, str(path), "evaluation")
+
+
+def read_run_json(model_dir: Path) -> dict[str, Any]:
+    path = Path(model_dir) / "run.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path}: cannot read training run record ({exc})") from None

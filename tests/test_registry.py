@@ -35,6 +35,7 @@ def seg_metrics(miou: float) -> dict[str, Any]:
 def gan_metrics(fid: float, recall: float, features: str = EXTRACTOR_A) -> dict[str, Any]:
     return {
         "fid": fid,
+        "fid_ratio": fid / 300.0,
         "recall": recall,
         "precision": 0.5,
         "fid_features": features,
@@ -71,17 +72,17 @@ def champion_version(name: str) -> str:
 
 
 def test_gate_thresholds(tiny_cfg: config.Config) -> None:
-    assert tiny_cfg.register.gan.max_fid == 150.0 and tiny_cfg.register.gan.min_recall == 0.02
-    assert registry.gate(tiny_cfg, "gan", gan_metrics(40.0, 0.2)) == (
+    assert tiny_cfg.register.gan.max_fid_ratio == 0.5 and tiny_cfg.register.gan.min_recall == 0.02
+    assert registry.gate(tiny_cfg, "gan", gan_metrics(30.0, 0.2)) == (
         True,
-        "fid 40 <= max_fid 150, recall 0.2 >= min_recall 0.02",
+        "fid_ratio 0.1 <= max_fid_ratio 0.5, recall 0.2 >= min_recall 0.02",
     )
     ok, reason = registry.gate(tiny_cfg, "gan", gan_metrics(40.0, 0.01))  # collapsed: good FID, no recall
     assert not ok and "recall 0.01 < min_recall 0.02" in reason
-    ok, reason = registry.gate(tiny_cfg, "gan", gan_metrics(151.0, 0.5))
-    assert not ok and "fid 151 > max_fid 150" in reason
+    ok, reason = registry.gate(tiny_cfg, "gan", gan_metrics(153.0, 0.5))
+    assert not ok and "fid_ratio 0.51 > max_fid_ratio 0.5" in reason
     assert not registry.gate(tiny_cfg, "gan", gan_metrics(math.nan, 0.5))[0]
-    assert not registry.gate(tiny_cfg, "gan", {"fid": None, "recall": 0.5, "fid_features": "x"})[0]
+    assert not registry.gate(tiny_cfg, "gan", {"fid": 1.0, "fid_ratio": None, "recall": 0.5, "fid_features": "x"})[0]
     assert registry.gate(tiny_cfg, "segmenter", seg_metrics(0.5)) == (True, "miou 0.5 >= min_miou 0.5")
     assert registry.gate(tiny_cfg, "segmenter", seg_metrics(0.49)) == (False, "miou 0.49 < min_miou 0.5")
 
@@ -120,7 +121,7 @@ def test_compare_with_champion_needs_same_metric_and_extractor() -> None:
 def test_metrics_file_errors_name_the_file(tmp_path: Path) -> None:
     path = tmp_path / "gan.json"
     path.write_text(json.dumps({"fid": 3.0}))
-    with pytest.raises(UserError, match=r"gan.json: missing 'recall', 'fid_features' \(needed by the gan gate\)"):
+    with pytest.raises(UserError, match=r"gan.json: missing 'fid_ratio', 'recall', 'fid_features' \(needed by the gan gate\)"):
         registry.read_metrics(path, "gan")
     with pytest.raises(UserError, match=r"segmenter\.json: cannot read metrics"):
         registry.read_metrics(tmp_path / "segmenter.json", "segmenter")

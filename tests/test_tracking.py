@@ -22,11 +22,13 @@ def test_run_resumes_without_relogging_params(tiny_cfg: config.Config, tmp_path:
     first = tracking.RunLogger(tiny_cfg, "train_gan", enabled=True)
     run_id = first.start(params, {"world_size": "2"})
     first.log_metrics({"loss_d": 1.0}, step=1)
+    first.log_metrics({"loss_d": 0.9, "val_fid": 80.0}, step=2)  # after the checkpoint at step 1, then a crash
     first.end("KILLED")
 
     again = tracking.RunLogger(tiny_cfg, "train_gan", enabled=True, run_id=run_id)
     assert again.start(params | {"gan.steps": 999}, {"world_size": "2"}) == run_id
-    again.log_metrics({"loss_d": 0.5}, step=2)
+    again.log_metrics({"loss_d": 0.8}, step=2)  # replayed from the checkpoint: the run has step 2 already
+    again.log_metrics({"loss_d": 0.5}, step=3)
     again.end()
 
     client = mlflow.MlflowClient()
@@ -34,7 +36,8 @@ def test_run_resumes_without_relogging_params(tiny_cfg: config.Config, tmp_path:
     assert run.info.status == "FINISHED" and run.info.run_name == "train_gan"
     assert run.data.params["gan.steps"] == str(tiny_cfg.gan.steps)  # logged once, never overwritten
     assert run.data.params["seed"] == str(tiny_cfg.seed)
-    assert [m.step for m in client.get_metric_history(run_id, "loss_d")] == [1, 2]
+    history = client.get_metric_history(run_id, "loss_d")
+    assert [(m.step, m.value) for m in history] == [(1, 1.0), (2, 0.9), (3, 0.5)]  # no duplicate steps
     tags = run.data.tags
     assert tags[tracking.TAG_STAGE] == "train_gan" and tags["world_size"] == "2"
     assert tracking.TAG_GIT_COMMIT in tags and tracking.TAG_GIT_DIRTY in tags

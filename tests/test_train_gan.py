@@ -162,12 +162,12 @@ def _tiny_step(overrides: dict[str, Any], tmp_path: Path) -> tuple[GanStep, Any,
     "overrides",
     [
         {"gan.loss": "ns"},
-        {"gan.loss": "hinge", "gan.spectral_norm": True},
+        {"gan.loss": "hinge", "gan.spectral_norm": True, "gan.conditioning": "projection"},
         {"gan.loss": "ls", "gan.diffaug": ["color", "translation", "cutout"]},
         {"gan.loss": "wgan-gp", "gan.n_critic": 2},
         {"gan.loss": "ns", "gan.r1_gamma": 1.0, "train.channels_last": False},
     ],
-    ids=["ns", "hinge-sn", "ls-diffaug", "wgan-gp", "ns-r1"],
+    ids=["ns", "hinge-sn-projection", "ls-diffaug", "wgan-gp", "ns-r1"],
 )
 def test_every_loss_trains(overrides: dict[str, Any], tmp_path: Path) -> None:
     step, models, reals = _tiny_step(overrides, tmp_path)

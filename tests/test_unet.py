@@ -9,11 +9,10 @@ import torch
 from torch import nn
 
 from pipeline.checkpoint import CheckpointError
+from pipeline.distributed import SyncBatchNorm2d, convert_sync_batchnorm
 from pipeline.models.unet import (
     AtrousBottleneck,
-    SyncBatchNorm2d,
     UNet,
-    convert_sync_batchnorm,
     load_segmenter,
     save_segmenter,
 )

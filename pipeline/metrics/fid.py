@@ -22,7 +22,7 @@ import torch.distributed as dist
 from PIL import Image
 from torch import Tensor
 
-from pipeline.distributed import all_gather_cat, all_reduce_sum
+from pipeline.distributed import all_gather_cat, all_reduce_sum, collective_device
 from pipeline.errors import UserError
 from pipeline.models.features import MIN_SIZE, inception_extractor, load_feature_extractor
 
@@ -30,13 +30,6 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 KID_SUBSETS = 100
 KID_SUBSET_SIZE = 1000
 _CHUNK = 1024  # rows per distance block: memory stays at _CHUNK x N
-
-
-def collective_device() -> torch.device:
-    """Where tensors must live for the current process group's collectives."""
-    if dist.is_initialized() and dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 class GaussianStats:

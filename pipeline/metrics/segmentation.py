@@ -8,8 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pipeline.distributed import all_reduce_sum
-from pipeline.metrics.fid import collective_device
+from pipeline.distributed import all_reduce_sum, collective_device
 
 IGNORE_INDEX = 255
 

@@ -75,13 +75,8 @@ class FeatureExtractor(nn.Module):
 
 
 def save_feature_extractor(path: str | Path, model: TextureFeatureNet, meta: dict[str, Any]) -> None:
-    """Write ``{"kwargs", "state_dict", "meta"}`` atomically (loadable with ``weights_only=True``)."""
-    payload = {
-        "kwargs": {"num_classes": model.num_classes, "dim": model.dim},
-        "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-        "meta": meta,
-    }
-    checkpoint.save(payload, path)
+    """The extractor model file (see :func:`pipeline.checkpoint.save_model`)."""
+    checkpoint.save_model(path, model, {"num_classes": model.num_classes, "dim": model.dim}, meta)
 
 
 def load_feature_extractor(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
@@ -89,16 +84,8 @@ def load_feature_extractor(path: str | Path, device: str | torch.device = "cpu")
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: feature extractor not found (run the train_fid_features stage first)")
-    ckpt = checkpoint.load(path, map_location="cpu")
-    if not isinstance(ckpt, dict) or not {"kwargs", "state_dict", "meta"} <= set(ckpt):
-        raise UserError(f"{path}: not a feature extractor file (expected kwargs, state_dict and meta)")
-    net = TextureFeatureNet(**ckpt["kwargs"])
-    try:
-        net.load_state_dict(ckpt["state_dict"])
-    except RuntimeError as exc:
-        raise UserError(f"{path}: weights do not fit TextureFeatureNet({ckpt['kwargs']}): {exc}") from None
-    meta = dict(ckpt["meta"]) | {"sha256": file_sha256(path)}
-    return FeatureExtractor(net).to(device), meta
+    net, meta = checkpoint.load_model(path, TextureFeatureNet, "feature extractor")
+    return FeatureExtractor(net).to(device), meta | {"sha256": file_sha256(path)}
 
 
 class _InceptionFeatures(nn.Module):

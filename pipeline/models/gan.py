@@ -285,18 +285,11 @@ def sample_grid(generator: Generator, per_class: int, seed: int, device: Any, pa
 
 
 def save_generator(path: str | Path, generator: Generator, meta: dict[str, Any]) -> None:
-    """Write ``{"kwargs", "state_dict", "meta"}`` atomically; loadable with ``weights_only=True`` on any device."""
-    state = {k: v.detach().cpu().contiguous() for k, v in generator.state_dict().items()}
-    checkpoint.save({"kwargs": dict(generator.kwargs), "state_dict": state, "meta": dict(meta)}, path)
+    """The generator model file (see :func:`pipeline.checkpoint.save_model`)."""
+    checkpoint.save_model(path, generator, generator.kwargs, meta)
 
 
 def load_generator(path: str | Path, device: str | torch.device = "cpu") -> tuple[Generator, dict[str, Any]]:
     """The saved (EMA) generator in eval mode on ``device``, and its meta (classes, step, val_fid, run_id, ...)."""
-    payload = checkpoint.load(path, map_location="cpu")
-    try:
-        model = Generator(**payload["kwargs"])
-        model.load_state_dict(payload["state_dict"])
-        meta = dict(payload["meta"])
-    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-        raise checkpoint.CheckpointError(f"{path}: not a generator model file ({type(exc).__name__}: {exc})") from None
+    model, meta = checkpoint.load_model(path, Generator, "generator model")
     return model.to(device).eval(), meta

@@ -1,9 +1,8 @@
 """U-Net texture segmenter (Ronneberger et al. 2015) with an optional atrous (DeepLab-style) bottleneck.
 
 ``depth`` counts resolution levels including the bottleneck: ``channels=16, depth=3`` has encoder
-widths 16/32 and a 64-wide bottleneck at 1/4 resolution. Under DDP, BatchNorm becomes
-``nn.SyncBatchNorm`` on CUDA; on CPU (gloo), where ``nn.SyncBatchNorm`` refuses to run, it becomes
-:class:`SyncBatchNorm2d`, which all-reduces the batch statistics through autograd itself.
+widths 16/32 and a 64-wide bottleneck at 1/4 resolution. Under DDP the trainer synchronises its
+BatchNorm across ranks (:func:`pipeline.distributed.convert_sync_batchnorm`).
 """
 
 from __future__ import annotations
@@ -12,11 +11,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline import checkpoint
+from pipeline.distributed import plain_module
 
 # Images arrive in [0, 1]; the model normalises them itself so every caller (training, evaluation,
 # serving) feeds the same thing. Texture pixels have no dataset-wide colour prior worth fitting.
@@ -145,96 +144,15 @@ class UNet(nn.Module):
         return self.head(x)[..., :h, :w]
 
 
-class SyncBatchNorm2d(nn.BatchNorm2d):
-    """BatchNorm2d whose training statistics cover the whole global batch, on any device and backend.
-
-    ``nn.SyncBatchNorm`` raises on CPU tensors; this one gathers each rank's per-channel mean, variance
-    and count with one differentiable all-reduce and combines them exactly (Chan et al.), so the
-    forward and backward match a single process holding the global batch.
-    """
-
-    def forward(self, x: Tensor) -> Tensor:
-        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-            return super().forward(x)
-        world, rank = dist.get_world_size(), dist.get_rank()
-        xf = x.float()
-        var, mean = torch.var_mean(xf, dim=(0, 2, 3), unbiased=False)
-        count = xf.new_full((1,), xf.numel() // xf.shape[1])
-        row = torch.cat([mean, var, count])
-        table = _AllReduceSum.apply(torch.stack([row if r == rank else torch.zeros_like(row) for r in range(world)]))
-        c = x.shape[1]
-        means, variances, counts = table[:, :c], table[:, c : 2 * c], table[:, 2 * c :]
-        total = counts.sum()
-        g_mean = (counts * means).sum(0) / total
-        g_var = (counts * (variances + (means - g_mean) ** 2)).sum(0) / total
-        if self.track_running_stats:
-            with torch.no_grad():
-                self.num_batches_tracked.add_(1)
-                momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-                unbiased = g_var * total / (total - 1).clamp(min=1)
-                self.running_mean.lerp_(g_mean.to(self.running_mean.dtype), momentum)
-                self.running_var.lerp_(unbiased.to(self.running_var.dtype), momentum)
-        scale = torch.rsqrt(g_var + self.eps)
-        if self.affine:
-            shift = self.bias - g_mean * scale * self.weight
-            scale = scale * self.weight
-        else:
-            shift = -g_mean * scale
-        return (xf * scale[None, :, None, None] + shift[None, :, None, None]).to(x.dtype)
-
-
-class _AllReduceSum(torch.autograd.Function):
-    """Sum over ranks; the gradient of a sum that every rank sees is the sum of every rank's gradient."""
-
-    @staticmethod
-    def forward(ctx: Any, tensor: Tensor) -> Tensor:
-        out = tensor.clone()
-        dist.all_reduce(out)
-        return out
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> Tensor:
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad)
-        return grad
-
-
-def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
-    """Every BatchNorm2d synchronised across ranks: ``nn.SyncBatchNorm`` on CUDA, :class:`SyncBatchNorm2d` elsewhere."""
-    if device.type == "cuda":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
-    if type(module) is nn.BatchNorm2d:
-        sync = SyncBatchNorm2d(
-            module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats
-        )
-        sync.load_state_dict(module.state_dict())
-        return sync.to(device)
-    for name, child in module.named_children():
-        module.add_module(name, convert_sync_batchnorm(child, device))
-    return module
-
-
-def plain_module(model: nn.Module) -> nn.Module:
-    """The model inside a DDP wrapper (or the model itself)."""
-    return getattr(model, "module", model)
-
-
 def save_segmenter(path: str | Path, model: nn.Module, meta: dict[str, Any]) -> None:
-    """Write ``{"kwargs", "state_dict", "meta"}`` atomically; loadable with ``weights_only=True`` on any device."""
+    """The segmenter model file (see :func:`pipeline.checkpoint.save_model`); ``model`` may be DDP-wrapped."""
     net = plain_module(model)
     if not isinstance(net, UNet):
         raise TypeError(f"expected a UNet (optionally DDP-wrapped), got {type(net).__name__}")
-    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
-    checkpoint.save({"kwargs": dict(net.kwargs), "state_dict": state, "meta": dict(meta)}, path)
+    checkpoint.save_model(path, net, net.kwargs, meta)
 
 
 def load_segmenter(path: str | Path, device: str | torch.device = "cpu") -> tuple[UNet, dict[str, Any]]:
     """The saved U-Net in eval mode on ``device``, and its meta (``classes``, ``run_id``, ``val_miou``, ...)."""
-    payload = checkpoint.load(path, map_location="cpu")
-    try:
-        model = UNet(**payload["kwargs"])
-        model.load_state_dict(payload["state_dict"])
-        meta = dict(payload["meta"])
-    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-        raise checkpoint.CheckpointError(f"{path}: not a segmenter model file ({type(exc).__name__}: {exc})") from None
+    model, meta = checkpoint.load_model(path, UNet, "segmenter model")
     return model.to(device).eval(), meta

@@ -32,14 +32,13 @@ from pipeline import checkpoint
 from pipeline.config import Config, GanConfig
 from pipeline.data.loaders import eval_batches, train_batches
 from pipeline.data.shards import load_manifest
-from pipeline.distributed import DistEnv, all_reduce_sum, distributed
+from pipeline.distributed import DistEnv, all_reduce_sum, convert_sync_batchnorm, distributed, plain_module
 from pipeline.engine import EXIT_STOPPED, GracefulStop, History, Session, Throughput, check_finite
 from pipeline.errors import UserError
 from pipeline.metrics.fid import GaussianStats, fid_from_stats, gather_features, precision_recall_coverage
 from pipeline.models.features import load_feature_extractor
 from pipeline.models.gan import EMA, Discriminator, Generator, diff_augment, generate_from_noise, noise, sample_grid
 from pipeline.models.gan import save_generator as _save_generator
-from pipeline.models.unet import convert_sync_batchnorm
 
 STAGE = "train_gan"
 SECTIONS = ("data", "train", "gan")
@@ -51,10 +50,6 @@ STEP_METRICS = ("loss_d", "loss_g", "d_real", "d_fake", "grad_norm_d", "grad_nor
 def derive_seed(seed: int, *words: int) -> int:
     """A 63-bit seed for one purpose (and step) derived from the run's seed."""
     return int(np.random.SeedSequence([seed, *words]).generate_state(2, np.uint64)[0] >> np.uint64(1))
-
-
-def _plain(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, DDP) else model
 
 
 def _set_requires_grad(model: nn.Module, flag: bool) -> None:
@@ -103,16 +98,16 @@ class GanModels:
 
     def state(self) -> dict[str, Any]:
         return {
-            "g": _plain(self.g).state_dict(),
-            "d": _plain(self.d).state_dict(),
+            "g": plain_module(self.g).state_dict(),
+            "d": plain_module(self.d).state_dict(),
             "g_ema": self.ema.state_dict(),
             "opt_g": self.opt_g.state_dict(),
             "opt_d": self.opt_d.state_dict(),
         }
 
     def load(self, state: dict[str, Any]) -> None:
-        _plain(self.g).load_state_dict(state["g"])
-        _plain(self.d).load_state_dict(state["d"])
+        plain_module(self.g).load_state_dict(state["g"])
+        plain_module(self.d).load_state_dict(state["d"])
         self.ema.load_state_dict(state["g_ema"])
         self.opt_g.load_state_dict(state["opt_g"])
         self.opt_d.load_state_dict(state["opt_d"])
@@ -139,7 +134,7 @@ def build_models(
             num_classes,
             gan.channels,
             image_size,
-            conditioning="concat",
+            conditioning=gan.conditioning,
             spectral_norm=gan.spectral_norm,
             batch_norm=_discriminator_batch_norm(gan),
         )
@@ -199,7 +194,7 @@ class GanStep:
                 augment(real), labels.to(env.device), augment(fake.detach()), y_fake, uniform
             )
 
-        d_plain = _plain(m.d)  # not the DDP wrapper: D's parameters get no gradient in this update
+        d_plain = plain_module(m.d)  # not the DDP wrapper: D's parameters get no gradient in this update
         _set_requires_grad(d_plain, False)
         try:
             with env.autocast():
@@ -210,7 +205,7 @@ class GanStep:
             m.opt_g.step()
         finally:
             _set_requires_grad(d_plain, True)
-        m.ema.update(_plain(m.g), step)
+        m.ema.update(plain_module(m.g), step)
         return {
             "loss_d": loss_d.detach(),
             "loss_g": loss_g.detach(),
@@ -291,26 +286,6 @@ def _png(image: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-class _MetricLog:
-    """Rank 0's MLflow metrics; after a restart, steps the run already has are not logged twice."""
-
-    def __init__(self, session: Session, resumed: bool) -> None:
-        self.logger = session.logger
-        self.logged_until = self._last_logged_step(session) if resumed and session.env.is_main else -1
-
-    @staticmethod
-    def _last_logged_step(session: Session) -> int:
-        import mlflow
-
-        client = mlflow.MlflowClient()
-        keys = client.get_run(session.run_id).data.metrics
-        return max((m.step for k in keys for m in client.get_metric_history(session.run_id, k)), default=-1)
-
-    def log(self, metrics: dict[str, float], step: int) -> None:
-        if step > self.logged_until:
-            self.logger.log_metrics(metrics, step)
 
 
 class _Window:
@@ -396,7 +371,6 @@ class _GanRun:
         if ckpt is not None:
             self.models.load(ckpt)
         self.session.start_run(tags={"fid_features.sha256": self.evaluate.features_sha256})
-        self.metrics = _MetricLog(self.session, resumed=ckpt is not None)
         self.step_fn = GanStep(gan, self.models, env, len(self.classes), cfg.seed, cfg.train.channels_last)
 
     def state(self) -> dict[str, Any]:
@@ -423,7 +397,7 @@ class _GanRun:
         if self.start == 0:
             row = self.run_eval(0)  # the untrained generator: the baseline later FIDs are read against
             self.history.append(0, row)
-            self.metrics.log(row, 0)
+            session.logger.log_metrics(row, 0)
             session.save(self.state(), 0)
         rows = gan.batch_size // env.world_size
         batches = _real_batches(cfg, self.shard_dir, env, rows, self.per_epoch, self.start * gan.n_critic)
@@ -443,7 +417,7 @@ class _GanRun:
                     row |= self.run_eval(step)
                 if row:
                     self.history.append(step, row)
-                    self.metrics.log(row, step)
+                    session.logger.log_metrics(row, step)
                     bar.set_postfix({k: f"{row[k]:.3g}" for k in ("loss_d", "loss_g", "best_val_fid") if k in row})
                 if env.is_main and step % gan.sample_every == 0:
                     grid = sample_grid(self.models.ema.module, GRID_COLUMNS, self.grid_seed, env.device)

@@ -31,11 +31,11 @@ from pipeline.config import Config, SegmenterConfig
 from pipeline.data.augment import augment_batch
 from pipeline.data.loaders import eval_batches, train_batches
 from pipeline.data.shards import MANIFEST, load_manifest
-from pipeline.distributed import DistEnv, all_reduce_mean, distributed
+from pipeline.distributed import DistEnv, all_reduce_mean, convert_sync_batchnorm, distributed, plain_module
 from pipeline.engine import EXIT_STOPPED, GracefulStop, History, Session, Throughput, check_finite
 from pipeline.errors import UserError
 from pipeline.metrics.segmentation import ConfusionMatrix
-from pipeline.models.unet import UNet, convert_sync_batchnorm, plain_module, save_segmenter
+from pipeline.models.unet import UNet, save_segmenter
 
 STAGE = "train_segmenter"
 SECTIONS = ("data", "train", "segmenter")

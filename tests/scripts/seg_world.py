@@ -17,8 +17,7 @@ import torch
 from pipeline import config
 from pipeline.data.loaders import eval_batches
 from pipeline.data.shards import load_manifest
-from pipeline.distributed import distributed
-from pipeline.models.unet import plain_module
+from pipeline.distributed import distributed, plain_module
 from pipeline.training.segmenter import SegmenterStep, build_model, evaluate
 
 params, shards, out, steps = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4])
