@@ -35,9 +35,8 @@ format: install
 	$(VENV)/bin/ruff check --fix pipeline stages tests benchmarks
 	$(VENV)/bin/ruff format pipeline stages tests benchmarks
 
-bench: install  ## every benchmark, side-by-side ratios
-	$(PY) benchmarks/loader.py
-	$(PY) benchmarks/gan_step.py
+bench: install  ## every benchmark, side-by-side ratios -> benchmarks/results.{md,json} (shown in README)
+	$(PY) benchmarks/report.py
 
 ui: install  ## MLflow UI on the embedded store
 	mlflow ui --backend-store-uri sqlite:///mlflow.db --default-artifact-root ./mlartifacts --host 127.0.0.1 --port 5000

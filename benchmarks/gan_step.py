@@ -54,16 +54,11 @@ def plain_loop(m: GanModels, num_classes: int, z_dim: int, smoothing: float, fmt
     return step
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default=config.PARAMS_FILE)
-    parser.add_argument("--steps", type=int, default=3, help="steps per timed block")
-    parser.add_argument("--repeats", type=int, default=15, help="interleaved blocks per variant")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    ns = parser.parse_args()
-    if ns.threads:
-        torch.set_num_threads(ns.threads)
-    cfg = config.load(Path(ns.params), {"gan.loss": "ns", "gan.n_critic": 1, "gan.diffaug": [], "gan.r1_gamma": 0.0})
+def run(params: Path, steps: int = 3, repeats: int = 15, threads: int = 0) -> dict:
+    """Interleaved timings of both loops: per variant and clock, median and best ms/step, and the ratios."""
+    if threads:
+        torch.set_num_threads(threads)
+    cfg = config.load(params, {"gan.loss": "ns", "gan.n_critic": 1, "gan.diffaug": [], "gan.r1_gamma": 0.0})
     gan, classes, size = cfg.gan, 10, cfg.data.patch_size
     env = DistEnv(0, 1, 0, torch.device("cpu"), "gloo", None)
     fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
@@ -83,29 +78,56 @@ def main() -> None:
     for fn in variants.values():  # warm-up
         for i in range(2):
             fn(i, reals)
-    for r in range(ns.repeats):
+    for r in range(repeats):
         for name, fn in variants.items():
             start = {clock: read() for clock, read in clocks.items()}
-            for i in range(ns.steps):
-                fn(r * ns.steps + i, reals)
+            for i in range(steps):
+                fn(r * steps + i, reals)
             for clock, read in clocks.items():
-                timings[name, clock].append((read() - start[clock]) / ns.steps)
-    med = {k: statistics.median(v) * 1000 for k, v in timings.items()}
-    best = {k: min(v) * 1000 for k, v in timings.items()}
-    print(
-        f"G {sum(p.numel() for p in ours_models.g.parameters()):,} params, "
+                timings[name, clock].append((read() - start[clock]) / steps)
+    med = {f"{n}_{c}": statistics.median(v) * 1000 for (n, c), v in timings.items()}
+    best = {f"{n}_{c}": min(v) * 1000 for (n, c), v in timings.items()}
+    return {
+        "setup": f"G {sum(p.numel() for p in ours_models.g.parameters()):,} params, "
         f"D {sum(p.numel() for p in ours_models.d.parameters()):,} params, batch {gan.batch_size}, "
         f"{size}px, {torch.get_num_threads()} threads, channels_last={cfg.train.channels_last}, "
-        f"{ns.repeats} interleaved blocks of {ns.steps} steps"
-    )
-    for name in variants:
-        print(
-            f"{name:>8}: median {med[name, 'wall']:.1f} ms/step wall, {med[name, 'cpu']:.1f} ms CPU; "
-            f"best {best[name, 'wall']:.1f} ms wall, {best[name, 'cpu']:.1f} ms CPU"
+        f"{repeats} interleaved blocks of {steps} steps",
+        "median_ms": med,
+        "best_ms": best,
+        "ratio": {
+            clock: {
+                "median": med[f"trainer_{clock}"] / med[f"plain_{clock}"],
+                "best": best[f"trainer_{clock}"] / best[f"plain_{clock}"],
+            }
+            for clock in clocks
+        },
+        "target": 1.05,
+    }
+
+
+def report(result: dict) -> str:
+    lines = [result["setup"]]
+    med, best = result["median_ms"], result["best_ms"]
+    for name in ("trainer", "plain"):
+        lines.append(
+            f"{name:>8}: median {med[name + '_wall']:.1f} ms/step wall, {med[name + '_cpu']:.1f} ms CPU; "
+            f"best {best[name + '_wall']:.1f} ms wall, {best[name + '_cpu']:.1f} ms CPU"
         )
-    for clock in clocks:
-        ratios = (med["trainer", clock] / med["plain", clock], best["trainer", clock] / best["plain", clock])
-        print(f"overhead ratio trainer/plain ({clock}): median {ratios[0]:.3f}, best {ratios[1]:.3f} (target <= 1.05)")
+    for clock, r in result["ratio"].items():
+        lines.append(
+            f"overhead ratio trainer/plain ({clock}): median {r['median']:.3f}, best {r['best']:.3f} (target <= 1.05)"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default=config.PARAMS_FILE)
+    parser.add_argument("--steps", type=int, default=3, help="steps per timed block")
+    parser.add_argument("--repeats", type=int, default=15, help="interleaved blocks per variant")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ns = parser.parse_args()
+    print(report(run(Path(ns.params), ns.steps, ns.repeats, ns.threads)))
 
 
 if __name__ == "__main__":

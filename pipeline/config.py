@@ -121,6 +121,7 @@ class SegmenterConfig:
     upsample: Literal["bilinear", "transpose"]
     dropout: float = _fraction()
     dilated_bottleneck: bool
+    color_augment: float = _check(lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]")
     lr: float = _positive()
     weight_decay: float = _non_negative()
     schedule: Literal["poly", "cosine"]
@@ -151,6 +152,7 @@ class EvaluateConfig:
 class GanGate:
     max_fid_ratio: float = _positive()
     min_recall: float = _check(lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]")
+    min_diversity: float = _non_negative()
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@ gate them, and move the ``champion``/``challenger`` aliases.
 
 A version passes when its evaluation metrics clear the thresholds in ``params.yaml`` (``register.*``; for
 the GAN: ``fid_ratio``, its FID over the untrained generator's FID in the same features, which does not
-depend on the extractor's scale, and a minimum recall, so a collapsed generator never passes) *and* it
+depend on the extractor's scale, and minimum recall and diversity, so a collapsed generator never passes) *and* it
 beats the current champion on the same metric (for the GAN: FID from the same feature extractor; FIDs
 from different extractors are not comparable, so that comparison is skipped and the reason says so).
 A passing version becomes ``champion``, any other ``challenger``.
@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 
 MODEL_NAMES = {"gan": "texture-gan", "segmenter": "texture-segmenter"}
 MODEL_FILES = {"gan": "generator.pt", "segmenter": "model.pt"}
-REQUIRED_METRICS = {"gan": ("fid", "fid_ratio", "recall", "fid_features"), "segmenter": ("miou",)}
+REQUIRED_METRICS = {"gan": ("fid", "fid_ratio", "recall", "diversity", "fid_features"), "segmenter": ("miou",)}
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 TAG_MODEL_SHA = "model.sha256"
@@ -194,12 +194,14 @@ def check_metrics(kind: str, metrics: Any, source: str) -> None:
 def gate(cfg: Config, kind: str, metrics: dict[str, Any]) -> tuple[bool, str]:
     """The thresholds of ``register.<kind>`` in params: (passed, which checks passed or failed and why)."""
     if kind == "gan":
-        ratio, recall, limit = _number(metrics["fid_ratio"]), _number(metrics["recall"]), cfg.register.gan.max_fid_ratio
+        g = cfg.register.gan
+        ratio, recall, diversity = (_number(metrics[k]) for k in ("fid_ratio", "recall", "diversity"))
         checks = [
-            (ratio <= limit, f"fid_ratio {ratio:.4g} {{}} max_fid_ratio {limit:g}", "<=", ">"),
+            (ratio <= g.max_fid_ratio, f"fid_ratio {ratio:.4g} {{}} max_fid_ratio {g.max_fid_ratio:g}", "<=", ">"),
+            (recall >= g.min_recall, f"recall {recall:.4g} {{}} min_recall {g.min_recall:g}", ">=", "<"),
             (
-                recall >= cfg.register.gan.min_recall,
-                f"recall {recall:.4g} {{}} min_recall {cfg.register.gan.min_recall:g}",
+                diversity >= g.min_diversity,
+                f"diversity {diversity:.4g} {{}} min_diversity {g.min_diversity:g}",
                 ">=",
                 "<",
             ),

@@ -31,7 +31,7 @@ def test_dvc_repro_end_to_end(tmp_path: Path) -> None:
     shutil.copy(ROOT / "dvc.yaml", repo)
     shutil.copy(ROOT / ".gitignore", repo)
     write_params(
-        repo, {"register.gan.max_fid_ratio": 1e9, "register.gan.min_recall": 0.0, "register.segmenter.min_miou": 0.0}
+        repo, {"register.gan.max_fid_ratio": 1e9, "register.gan.min_diversity": 0.0, "register.segmenter.min_miou": 0.0}
     )
     bin_dir = str(Path(sys.executable).parent)
     env = os.environ | {

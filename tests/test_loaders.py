@@ -148,7 +148,7 @@ def test_any_tar_reads_like_a_plain_shard(tiny_shards: Path, tmp_path: Path) -> 
     assert _plain_members(long_names.read_bytes()) is None and _plain_members(gzipped.read_bytes()) is None
     for path, written in cases.items():
         url = str(path)
-        got = list(_expand([{"url": url}], {url: len(written)}))
+        got = list(_expand([{"url": url}], {url: {"samples": len(written)}}))
         assert got == [{"__url__": url, **sample} for sample in written]
 
 

@@ -15,7 +15,7 @@ from mlflow.entities.model_registry import ModelVersion, ModelVersionTag
 
 from pipeline import config, registry, tracking
 from pipeline.errors import UserError
-from tests.conftest import ROOT
+from tests.conftest import ROOT, write_params
 
 pytest.register_assert_rewrite("tests.mlflow_server")  # imported here before pytest_plugins loads it
 from tests.mlflow_server import FakeTraining, MlflowServer, child_env, free_port  # noqa: E402
@@ -37,6 +37,7 @@ def gan_metrics(fid: float, recall: float, features: str = EXTRACTOR_A) -> dict[
         "fid": fid,
         "fid_ratio": fid / 300.0,
         "recall": recall,
+        "diversity": 0.9,
         "precision": 0.5,
         "fid_features": features,
         "kid_mean": 0.01,
@@ -71,18 +72,24 @@ def champion_version(name: str) -> str:
 # --- gate and comparison: pure functions -------------------------------------------------------------------
 
 
-def test_gate_thresholds(tiny_cfg: config.Config) -> None:
-    assert tiny_cfg.register.gan.max_fid_ratio == 0.5 and tiny_cfg.register.gan.min_recall == 0.02
+def test_gate_thresholds(tiny_cfg: config.Config, tmp_path: Path) -> None:
+    gate = tiny_cfg.register.gan
+    assert (gate.max_fid_ratio, gate.min_recall, gate.min_diversity) == (0.75, 0.0, 0.5)
     assert registry.gate(tiny_cfg, "gan", gan_metrics(30.0, 0.2)) == (
         True,
-        "fid_ratio 0.1 <= max_fid_ratio 0.5, recall 0.2 >= min_recall 0.02",
+        "fid_ratio 0.1 <= max_fid_ratio 0.75, recall 0.2 >= min_recall 0, diversity 0.9 >= min_diversity 0.5",
     )
-    ok, reason = registry.gate(tiny_cfg, "gan", gan_metrics(40.0, 0.01))  # collapsed: good FID, no recall
+    collapsed = gan_metrics(40.0, 0.0) | {"diversity": 0.01}  # one output per class: fine FID, no variety
+    ok, reason = registry.gate(tiny_cfg, "gan", collapsed)
+    assert not ok and "diversity 0.01 < min_diversity 0.5" in reason
+    strict = config.load(write_params(tmp_path, {"register.gan.min_recall": 0.02}))
+    ok, reason = registry.gate(strict, "gan", gan_metrics(40.0, 0.01))
     assert not ok and "recall 0.01 < min_recall 0.02" in reason
-    ok, reason = registry.gate(tiny_cfg, "gan", gan_metrics(153.0, 0.5))
-    assert not ok and "fid_ratio 0.51 > max_fid_ratio 0.5" in reason
+    ok, reason = registry.gate(tiny_cfg, "gan", gan_metrics(228.0, 0.5))
+    assert not ok and "fid_ratio 0.76 > max_fid_ratio 0.75" in reason
     assert not registry.gate(tiny_cfg, "gan", gan_metrics(math.nan, 0.5))[0]
-    assert not registry.gate(tiny_cfg, "gan", {"fid": 1.0, "fid_ratio": None, "recall": 0.5, "fid_features": "x"})[0]
+    unknown_ratio = gan_metrics(1.0, 0.5) | {"fid_ratio": None}  # a NaN in metrics/gan.json
+    assert not registry.gate(tiny_cfg, "gan", unknown_ratio)[0]
     assert registry.gate(tiny_cfg, "segmenter", seg_metrics(0.5)) == (True, "miou 0.5 >= min_miou 0.5")
     assert registry.gate(tiny_cfg, "segmenter", seg_metrics(0.49)) == (False, "miou 0.49 < min_miou 0.5")
 
@@ -121,7 +128,8 @@ def test_compare_with_champion_needs_same_metric_and_extractor() -> None:
 def test_metrics_file_errors_name_the_file(tmp_path: Path) -> None:
     path = tmp_path / "gan.json"
     path.write_text(json.dumps({"fid": 3.0}))
-    with pytest.raises(UserError, match=r"gan.json: missing 'fid_ratio', 'recall', 'fid_features' \(needed by the gan gate\)"):
+    missing = r"gan.json: missing 'fid_ratio', 'recall', 'diversity', 'fid_features' \(needed by the gan gate\)"
+    with pytest.raises(UserError, match=missing):
         registry.read_metrics(path, "gan")
     with pytest.raises(UserError, match=r"segmenter\.json: cannot read metrics"):
         registry.read_metrics(tmp_path / "segmenter.json", "segmenter")
@@ -186,8 +194,9 @@ def test_gan_gate_rejects_collapse_and_compares_fid_only_from_the_same_extractor
 ) -> None:
     first = registry.register_model(tiny_cfg, "gan", fake_training("gan", 0), gan_metrics(40.0, 0.2))
     assert first["aliases"] == ["champion"]
-    collapsed = registry.register_model(tiny_cfg, "gan", fake_training("gan", 1), gan_metrics(30.0, 0.01))
-    assert collapsed["aliases"] == ["challenger"] and "recall 0.01 < min_recall 0.02" in collapsed["reason"]
+    one_per_class = gan_metrics(30.0, 0.01) | {"diversity": 0.02}
+    collapsed = registry.register_model(tiny_cfg, "gan", fake_training("gan", 1), one_per_class)
+    assert collapsed["aliases"] == ["challenger"] and "diversity 0.02 < min_diversity 0.5" in collapsed["reason"]
     worse = registry.register_model(tiny_cfg, "gan", fake_training("gan", 2), gan_metrics(45.0, 0.3))
     assert worse["aliases"] == ["challenger"] and "fid 45 >= champion v1's 40" in worse["reason"]
     other = registry.register_model(tiny_cfg, "gan", fake_training("gan", 3), gan_metrics(45.0, 0.3, EXTRACTOR_B))

@@ -44,7 +44,7 @@ def register_segmenter(cfg: config.Config, fake_training: FakeTraining) -> Path:
 
 
 def register_gan(cfg: config.Config, fake_training: FakeTraining) -> None:
-    metrics = {"fid": 40.0, "fid_ratio": 0.2, "recall": 0.2, "fid_features": "f" * 64}
+    metrics = {"fid": 40.0, "fid_ratio": 0.2, "recall": 0.2, "diversity": 0.9, "fid_features": "f" * 64}
     assert registry.register_model(cfg, "gan", fake_training("gan"), metrics)["aliases"] == ["champion"]
 
 

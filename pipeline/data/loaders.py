@@ -13,6 +13,9 @@ it has done.
 
 Evaluation (``eval_batches``): rank r takes samples i with ``i % world_size == r`` in manifest order, so
 every sample is seen exactly once across ranks; the last batch may be partial.
+
+``shard_dir`` is a local directory or any shard root of :mod:`pipeline.data.storage` (``s3://bucket/prefix``,
+``https://...``, ``pipe:COMMAND {}``): shards are streamed from object storage without a local copy.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from pipeline.data import storage
 from pipeline.data.shards import MEMBERS, ShardError, check_shard_files, load_manifest, shard_entries
 
 Kind = Literal["patches", "mosaics"]
@@ -136,22 +140,27 @@ def _group(members: list[tuple[str, bytes]], url: str) -> Iterator[dict[str, Any
         yield sample
 
 
-def _expand(src: Iterable[dict[str, str]], expected: dict[str, int]) -> Iterator[dict[str, Any]]:
+def _expand(src: Iterable[dict[str, str]], expected: dict[str, dict]) -> Iterator[dict[str, Any]]:
     """Samples of each shard, read whole into memory (a shard holds at most ``data.shard_max_samples``).
 
-    A tar error or a sample count unlike the manifest's is a :class:`ShardError` naming the shard.
+    A read or tar error, or a size or sample count unlike the manifest's, is a :class:`ShardError` naming it.
     """
     for item in src:
-        url = item["url"]
+        url, entry = item["url"], expected[item["url"]]
         try:
-            blob = Path(url).read_bytes()
+            blob = storage.read_bytes(url)
+        except storage.StorageError as exc:
+            raise ShardError(str(exc)) from None
+        if "bytes" in entry and len(blob) != entry["bytes"]:
+            raise ShardError(f"{url}: shard has {len(blob)} bytes, the manifest says {entry['bytes']} (truncated?)")
+        try:
             members = _plain_members(blob)
             samples = list(_group(_tarfile_members(blob) if members is None else members, url))
         except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
             reason = " ".join(str(exc).split()) or type(exc).__name__
             raise ShardError(f"{url}: cannot read shard ({reason})") from None
-        if len(samples) != expected[url]:
-            raise ShardError(f"{url}: {len(samples)} samples, the manifest says {expected[url]}")
+        if len(samples) != entry["samples"]:
+            raise ShardError(f"{url}: {len(samples)} samples, the manifest says {entry['samples']}")
         yield from samples
 
 
@@ -227,12 +236,12 @@ def _every_nth(src: Iterable[Any], offset: int, step: int) -> Iterator[Any]:
     return islice(src, offset, None, step)
 
 
-def _shards(shard_dir: Path, kind: str, split: str) -> tuple[list[str], dict[str, int]]:
-    shard_dir = Path(shard_dir)
+def _shards(shard_dir: str | Path, kind: str, split: str) -> tuple[list[str], dict[str, dict]]:
+    """The split's shard locations under the root, and each one's manifest entry."""
     entries = shard_entries(shard_dir, load_manifest(shard_dir), kind, split)
     check_shard_files(shard_dir, entries)
-    urls = [str(shard_dir / e["file"]) for e in entries]
-    return urls, {url: e["samples"] for url, e in zip(urls, entries, strict=True)}
+    urls = [storage.join(shard_dir, e["file"]) for e in entries]
+    return urls, dict(zip(urls, entries, strict=True))
 
 
 def _check_rank(rank: int, world_size: int) -> None:
@@ -241,7 +250,7 @@ def _check_rank(rank: int, world_size: int) -> None:
 
 
 def train_batches(
-    shard_dir: Path,
+    shard_dir: str | Path,
     kind: Kind,
     split: str,
     batch_size: int,
@@ -287,7 +296,7 @@ def _ignore_stop_signals(worker_id: int) -> None:
 
 
 def eval_batches(
-    shard_dir: Path, kind: Kind, split: str, batch_size: int, *, rank: int, world_size: int
+    shard_dir: str | Path, kind: Kind, split: str, batch_size: int, *, rank: int, world_size: int
 ) -> Iterator[tuple[Tensor, Tensor]]:
     """Every sample of the split exactly once across ranks: rank r gets samples i with i % world_size == r."""
     _check_rank(rank, world_size)

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from pipeline.checkpoint import atomic_write_bytes, atomic_write_json
 from pipeline.config import Config, DataConfig, to_dict
+from pipeline.data import storage
 from pipeline.data.mosaics import make_mosaic, make_patches
 from pipeline.data.sources import SPLITS, SourceImage, SourceSet, load_sources, rng_for
 from pipeline.errors import UserError
@@ -199,14 +200,15 @@ def prepare_dataset(cfg: Config, out_dir: Path, progress: bool = True) -> dict:
 # ---------------------------------------------------------------- reading and verifying
 
 
-def load_manifest(shard_dir: Path) -> dict:
-    """The manifest of a shard directory; a missing or invalid one is a :class:`UserError` naming it."""
-    path = Path(shard_dir) / MANIFEST
+def load_manifest(shard_dir: str | Path) -> dict:
+    """The manifest of a shard root (a directory or a :mod:`~pipeline.data.storage` URL); a missing or invalid
+    one is a :class:`UserError` naming it."""
+    path = storage.join(shard_dir, MANIFEST)
+    if storage.is_local(shard_dir) and not Path(path).is_file():
+        raise UserError(f"{path}: manifest not found (run the prepare stage)")
     try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{path}: manifest not found (run the prepare stage)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        manifest = json.loads(storage.read_bytes(path))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise UserError(f"{path}: invalid manifest ({exc})") from None
     required = ("classes", "splits", "params", "sources", "skipped")
     missing = [k for k in required if not isinstance(manifest, dict) or k not in manifest]
@@ -215,18 +217,21 @@ def load_manifest(shard_dir: Path) -> dict:
     return manifest
 
 
-def shard_entries(shard_dir: Path, manifest: dict, kind: str, split: str) -> list[dict]:
+def shard_entries(shard_dir: str | Path, manifest: dict, kind: str, split: str) -> list[dict]:
     """The manifest's shard list for (split, kind); an unknown split or kind is a :class:`UserError`."""
-    splits = manifest["splits"]
+    splits, where = manifest["splits"], storage.join(shard_dir, MANIFEST)
     if split not in splits:
-        raise UserError(f"{Path(shard_dir) / MANIFEST}: no split {split!r} (have: {', '.join(splits)})")
+        raise UserError(f"{where}: no split {split!r} (have: {', '.join(splits)})")
     if kind not in splits[split]:
-        raise UserError(f"{Path(shard_dir) / MANIFEST}: no kind {kind!r} (have: {', '.join(splits[split])})")
+        raise UserError(f"{where}: no kind {kind!r} (have: {', '.join(splits[split])})")
     return splits[split][kind]["shards"]
 
 
-def check_shard_files(shard_dir: Path, entries: list[dict]) -> None:
-    """Every listed shard exists with its recorded size (catches missing and truncated files cheaply)."""
+def check_shard_files(shard_dir: str | Path, entries: list[dict]) -> None:
+    """Every listed local shard exists with its recorded size (catches missing and truncated files cheaply;
+    remote shards are checked as they are read)."""
+    if not storage.is_local(shard_dir):
+        return
     for entry in entries:
         path = Path(shard_dir) / entry["file"]
         if not path.is_file():

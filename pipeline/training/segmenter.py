@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from pipeline.config import Config, SegmenterConfig
-from pipeline.data.augment import augment_batch
+from pipeline.data.augment import augment_batch, color_augment
 from pipeline.data.loaders import eval_batches, train_batches
 from pipeline.data.shards import MANIFEST, load_manifest
 from pipeline.distributed import DistEnv, all_reduce_mean, convert_sync_batchnorm, distributed, plain_module
@@ -281,6 +281,8 @@ def train_segmenter(cfg: Config, shard_dir: Path, out_dir: Path, ckpt_dir: Path)
                     images, masks = augment_batch(
                         images, masks, num_classes, gen, flip=geometry.flip, rot90=geometry.rot90
                     )
+                    if s.color_augment > 0:
+                        images = color_augment(images, gen, s.color_augment)
                     torch.manual_seed(derive_seed(cfg.seed, _DROPOUT_STREAM, step, env.rank))
                     terms = train_step(step, images, masks)
                     check_finite(terms, step, session.last_path)
