@@ -28,8 +28,8 @@ from tests.conftest import ROOT, write_params
 
 SINGLE = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend="gloo", amp_dtype=None)
 GAN_KEYS = {
-    "fid", "kid_mean", "kid_std", "fid_features", "num_samples", "num_real", "precision", "recall", "density",
-    "coverage", "diversity", "diversity_per_class", "fid_per_class", "baselines",
+    "fid", "fid_ratio", "kid_mean", "kid_std", "fid_features", "num_samples", "num_real", "precision", "recall",
+    "density", "coverage", "diversity", "diversity_per_class", "fid_per_class", "baselines",
 }  # fmt: skip
 BASELINE_KEYS = {
     "fid_untrained", "fid_real", "recall_untrained", "recall_real", "diversity_untrained", "diversity_real",
@@ -78,6 +78,7 @@ def test_gan_report_has_the_contract_keys(tiny_models, tiny_shards: Path) -> Non
     m, classes = out["metrics"], load_manifest(tiny_shards)["classes"]
     assert set(m) == GAN_KEYS and set(m["baselines"]) == BASELINE_KEYS
     assert m["fid_features"] == file_sha256(models / "features/extractor.pt")
+    assert m["fid_ratio"] == pytest.approx(m["fid"] / m["baselines"]["fid_untrained"])
     assert m["num_samples"] == len(classes) * cfg.evaluate.samples_per_class
     assert m["num_real"] == load_manifest(tiny_shards)["splits"]["test"]["patches"]["samples"]
     assert m["baselines"]["num_real_train"] == m["num_samples"]  # same count as the generated set
