@@ -182,6 +182,7 @@ def log_run_metrics(cfg: Config, run_id: str, metrics: dict[str, float], artifac
 
 
 def read_run_json(model_dir: Path) -> dict[str, Any]:
+    """A model directory's ``run.json`` (its training run id, experiment and tracking URI)."""
     path = Path(model_dir) / "run.json"
     try:
         return json.loads(path.read_text())

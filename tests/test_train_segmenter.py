@@ -37,7 +37,13 @@ from tests.conftest import ROOT
 STAGE = ROOT / "stages" / "train_segmenter.py"
 WORLD_SCRIPT = ROOT / "tests" / "scripts" / "seg_world.py"
 # 3 epochs x 4 steps with a checkpoint every 2 steps: long enough to be stopped part-way.
-RESUMABLE = {"segmenter.epochs": 3, "segmenter.steps_per_epoch": 4, "segmenter.checkpoint_every": 2}
+# With colour augmentation on: its per-step draws must survive a restart too.
+RESUMABLE = {
+    "segmenter.epochs": 3,
+    "segmenter.steps_per_epoch": 4,
+    "segmenter.checkpoint_every": 2,
+    "segmenter.color_augment": 0.4,
+}
 TIMEOUT = 300
 
 
