@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import shutil
 from functools import partial
 from itertools import islice
@@ -256,3 +257,20 @@ def test_garbage_shard_in_eval_is_a_user_error_naming_it(broken_copy: Path) -> N
     garbage.write_bytes(b"\x01" * garbage.stat().st_size)
     with pytest.raises(UserError, match=rf"{garbage}: cannot read shard"):
         list(eval_batches(broken_copy, "mosaics", "val", 4, rank=0, world_size=1))
+
+
+def test_abandoned_loader_stops_its_workers(tiny_shards: Path) -> None:
+    """Workers sit in their own process group (a group SIGTERM is the trainer's), yet a DataLoader dropped
+    mid-epoch still stops them: nothing is left for the interpreter to wait on at exit."""
+    import multiprocessing
+
+    batches = iter(
+        train_batches(tiny_shards, "patches", "train", 4, 50, rank=0, world_size=1, num_workers=2, seed=0, epoch=0)
+    )
+    next(batches)
+    workers = list(multiprocessing.active_children())
+    assert len(workers) >= 2 and all(os.getpgid(w.pid) == w.pid for w in workers)  # each leads its own group
+    del batches
+    for w in workers:
+        w.join(timeout=30)
+    assert not [w for w in workers if w.is_alive()]

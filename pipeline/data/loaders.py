@@ -21,8 +21,8 @@ every sample is seen exactly once across ranks; the last batch may be partial.
 from __future__ import annotations
 
 import io
+import os
 import re
-import signal
 import tarfile
 from collections.abc import Iterable, Iterator, Sequence
 from functools import partial
@@ -284,15 +284,16 @@ def train_batches(
         num_workers=num_workers,
         persistent_workers=False,
         generator=torch.Generator().manual_seed(seed),  # leave the caller's global torch RNG untouched
-        worker_init_fn=_ignore_stop_signals,
+        worker_init_fn=_own_process_group,
     )
 
 
-def _ignore_stop_signals(worker_id: int) -> None:
-    """A stop signal sent to the process group is the trainer's to handle (checkpoint, exit 143): workers
-    must not die of it, or the main process fails with "DataLoader worker killed" before it can save."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+def _own_process_group(worker_id: int) -> None:
+    """A stop signal sent to the job's process group (Ctrl-C, ``kill -TERM -PGID``) is the trainer's to handle
+    (checkpoint, exit 143): in its own group a worker does not get it, so the main process does not fail with
+    "DataLoader worker killed" before it can save. Workers still stop with their DataLoader (it signals them
+    by pid) and exit when the main process dies (their watchdog)."""
+    os.setpgid(0, 0)
 
 
 def eval_batches(
