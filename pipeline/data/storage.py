@@ -28,6 +28,7 @@ from typing import Any
 from pipeline.errors import UserError
 
 PIPE, S3, HTTP = "pipe:", "s3://", ("http://", "https://")
+REMOTE = (PIPE, S3, *HTTP)
 HTTP_TIMEOUT_S = 60
 
 
@@ -36,20 +37,15 @@ class StorageError(UserError):
 
 
 def is_local(root: str | Path) -> bool:
-    text = str(root)
-    return not (text.startswith((PIPE, S3)) or text.startswith(HTTP))
-
-
-def check_root(root: str | Path) -> None:
-    if str(root).startswith(PIPE) and "{}" not in str(root):
-        raise StorageError(f"{root}: a pipe: shard root needs '{{}}' where the file's path goes")
+    return not str(root).startswith(REMOTE)
 
 
 def join(root: str | Path, name: str) -> str:
     """The location of ``name`` (``manifest.json``, ``patches/train-000000.tar``) under a shard root."""
-    check_root(root)
     text = str(root)
     if text.startswith(PIPE):
+        if "{}" not in text:
+            raise StorageError(f"{root}: a pipe: shard root needs '{{}}' where the file's path goes")
         return text.replace("{}", name)
     if not is_local(text):
         return text.rstrip("/") + "/" + name
