@@ -22,6 +22,7 @@ from pipeline.data.loaders import (
     decode_batch,
     eval_batches,
     train_batches,
+    train_stream,
 )
 from pipeline.data.shards import ShardError, decode_png, encode_png, load_manifest, tar_samples
 from pipeline.errors import UserError
@@ -82,6 +83,17 @@ def test_train_batches_are_deterministic_and_resumable(tiny_shards: Path) -> Non
     assert _same(straight[2:], list(resumed))
     assert not _same(straight, _train(tiny_shards, epoch=3, rank=1, world_size=2))
     assert not _same(straight, _train(tiny_shards, epoch=2, rank=1, world_size=2, seed=4))
+
+
+def test_train_stream_runs_epoch_after_epoch_and_resumes_mid_epoch(tiny_shards: Path) -> None:
+    def stream(start: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        batches = train_stream(tiny_shards, "patches", 8, 3, rank=1, world_size=2, num_workers=0, seed=3, start=start)
+        return [next(batches) for _ in range(7 - start)]
+
+    straight = stream(0)
+    epochs = [_train(tiny_shards, epoch=e, rank=1, world_size=2, batches_per_epoch=3) for e in range(3)]
+    assert _same(straight, [b for epoch in epochs for b in epoch][:7])
+    assert _same(straight[4:], stream(4))  # resumed inside the second epoch
 
 
 def test_workers_are_deterministic_and_leave_the_global_rng_alone(tiny_shards: Path) -> None:

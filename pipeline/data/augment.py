@@ -1,4 +1,4 @@
-"""Geometric batch augmentations for segmentation that keep every mask aligned with its image.
+"""Batch augmentations: geometric ones that keep every segmentation mask aligned, and per-image colour.
 
 Each sample gets its own flips, quarter turn and scale (zoom in: random crop back to size; zoom out:
 reflect-pad back to size), all drawn from one ``torch.Generator`` so a batch is reproducible from a
@@ -6,6 +6,8 @@ seed. The image and the one-hot mask go through the *same* resampling as one ten
 the argmax of its resampled planes: at every output pixel the label is the class whose pixels make up
 most of that pixel's colour, so no half-pixel offset between image and mask can creep in (a separate
 nearest-neighbour resize of the mask would follow a different sampling grid than the bilinear image).
+Colour changes (:func:`color_augment`) act on images alone and keep every edge; the segmenter and the
+FID feature extractor share them.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 MIN_SCALE = 0.5  # reflect padding needs the zoomed-out image to be at least half the output size
-GRAYSCALE_P = 0.2
 
 
 def augment_batch(
@@ -78,25 +79,29 @@ def _rescale(x: Tensor, scale: float, h: int, w: int, u_y: float, u_x: float) ->
     return F.pad(x[None], pad, mode=mode)[0]
 
 
-def color_augment(images: Tensor, generator: torch.Generator, strength: float = 0.4) -> Tensor:
-    """Per-image colour changes that keep every edge: channel permutation, per-channel inversion (p 1/2),
-    contrast and brightness jitter of ``strength``, grayscale (p 0.2); ``images (B, 3, H, W)`` in [0, 1].
+def color_augment(images: Tensor, generator: torch.Generator, strength: float = 1.0) -> Tensor:
+    """Per-image colour changes that keep every edge: channel order, saturation, contrast and brightness.
 
-    A texture class is its structure, not its palette: without this the segmenter learns the colours of the
-    few training sources and fails on new ones (train mIoU 0.64 vs val 0.25 after 600 steps on the builtin data).
+    ``images (B, 3, H, W)`` in [0, 1]. At ``strength`` 1 the saturation factor is drawn from [0, 1.5],
+    contrast from [0.6, 1.4] and the brightness shift from [-0.1, 0.1]; ``strength`` scales these ranges
+    (0 = identity). Builtin palettes are drawn per source texture, so with ~20 train sources per class a
+    model left with geometric augmentation alone tells classes apart by their train sources' colours
+    (segmenter, measured: val mIoU 0.25 without vs 0.37 with this after 300 steps, 0.61 after 800).
     """
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
+    if strength <= 0:
+        return images
     b = images.shape[0]
-    draws = torch.rand(b, 9, generator=generator).to(images.device)
-    order = draws[:, :3].argsort(1)
+    order = torch.rand(b, 3, generator=generator).argsort(1).to(images.device)
+
+    def uniform(lo: float, hi: float) -> Tensor:
+        u = torch.rand(b, generator=generator).to(device=images.device, dtype=images.dtype)
+        return (lo + (hi - lo) * u)[:, None, None, None]
+
     x = images.gather(1, order[:, :, None, None].expand_as(images))
-    invert = (draws[:, 3:6] < 0.5)[:, :, None, None]
-    x = torch.where(invert, 1.0 - x, x)
-    contrast = (1.0 + strength * (2.0 * draws[:, 6] - 1.0))[:, None, None, None]
-    brightness = (0.5 * strength * (2.0 * draws[:, 7] - 1.0))[:, None, None, None]
+    grey = x.mean(1, keepdim=True)
+    x = grey + (x - grey) * uniform(1.0 - strength, 1.0 + 0.5 * strength)
     mean = x.mean((1, 2, 3), keepdim=True)
-    x = (x - mean) * contrast + mean + brightness
-    gray = (draws[:, 8] < GRAYSCALE_P)[:, None, None, None]
-    x = torch.where(gray, x.mean(1, keepdim=True).expand_as(x), x)
-    return x.clamp(0.0, 1.0)
+    contrast = uniform(1.0 - 0.4 * strength, 1.0 + 0.4 * strength)
+    return ((x - mean) * contrast + mean + uniform(-0.1 * strength, 0.1 * strength)).clamp(0.0, 1.0)

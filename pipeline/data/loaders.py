@@ -288,6 +288,41 @@ def train_batches(
     )
 
 
+def train_stream(
+    shard_dir: str | Path,
+    kind: Kind,
+    batch_size: int,
+    batches_per_epoch: int,
+    *,
+    rank: int,
+    world_size: int,
+    num_workers: int,
+    seed: int,
+    start: int = 0,
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """Endless ``train`` batches, epoch after epoch of :func:`train_batches`, without the first ``start``.
+
+    Batch ``n`` is batch ``n % batches_per_epoch`` of epoch ``n // batches_per_epoch``, so a run resumed
+    after ``start`` batches sees exactly the batches it would have seen without the restart.
+    """
+    epoch, skip = divmod(start, batches_per_epoch)
+    while True:
+        batches = train_batches(
+            shard_dir,
+            kind,
+            "train",
+            batch_size,
+            batches_per_epoch,
+            rank=rank,
+            world_size=world_size,
+            num_workers=num_workers,
+            seed=seed,
+            epoch=epoch,
+        )
+        yield from islice(batches, skip, None)
+        epoch, skip = epoch + 1, 0
+
+
 def _own_process_group(worker_id: int) -> None:
     """A stop signal sent to the job's process group (Ctrl-C, ``kill -TERM -PGID``) is the trainer's to handle
     (checkpoint, exit 143): in its own group a worker does not get it, so the main process does not fail with

@@ -15,9 +15,8 @@ weights are kept: ``out_dir/generator.pt``.
 from __future__ import annotations
 
 import io
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
-from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from pipeline import checkpoint
 from pipeline.config import Config, GanConfig
-from pipeline.data.loaders import eval_batches, train_batches
+from pipeline.data.loaders import eval_batches, train_stream
 from pipeline.data.shards import load_manifest
 from pipeline.distributed import DistEnv, all_reduce_sum, convert_sync_batchnorm, distributed, plain_module
 from pipeline.engine import EXIT_STOPPED, GracefulStop, History, Session, Throughput, check_finite
@@ -313,28 +312,6 @@ def reduce_metrics(values: dict[str, Tensor], world_size: int) -> dict[str, floa
     return dict(zip(STEP_METRICS, means, strict=True))
 
 
-def _real_batches(
-    cfg: Config, shard_dir: Path, env: DistEnv, rows: int, per_epoch: int, consumed: int
-) -> Iterator[tuple[Tensor, Tensor]]:
-    """Endless real batches, starting after the ``consumed`` first ones (resume mid-epoch)."""
-    epoch, skip = divmod(consumed, per_epoch)
-    while True:
-        batches = train_batches(
-            shard_dir,
-            "patches",
-            "train",
-            rows,
-            per_epoch,
-            rank=env.rank,
-            world_size=env.world_size,
-            num_workers=cfg.train.num_workers,
-            seed=cfg.seed,
-            epoch=epoch,
-        )
-        yield from islice(batches, skip, None)
-        epoch, skip = epoch + 1, 0
-
-
 def _check_resumable(ckpt: dict[str, Any] | None, session: Session, features_sha256: str) -> dict[str, Any] | None:
     """A checkpoint evaluated with another feature extractor is treated like one from other params."""
     if ckpt is None or ckpt.get("features_sha256") == features_sha256:
@@ -400,7 +377,17 @@ class _GanRun:
             session.logger.log_metrics(row, 0)
             session.save(self.state(), 0)
         rows = gan.batch_size // env.world_size
-        batches = _real_batches(cfg, self.shard_dir, env, rows, self.per_epoch, self.start * gan.n_critic)
+        batches = train_stream(
+            self.shard_dir,
+            "patches",
+            rows,
+            self.per_epoch,
+            rank=env.rank,
+            world_size=env.world_size,
+            num_workers=cfg.train.num_workers,
+            seed=cfg.seed,
+            start=self.start * gan.n_critic,
+        )
         window, throughput = _Window(), Throughput()
         with session.progress(gan.steps, self.start, STAGE) as bar:
             for step in range(self.start + 1, gan.steps + 1):

@@ -16,8 +16,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
-from collections.abc import Iterable
-from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from pipeline.config import Config, SegmenterConfig
 from pipeline.data.augment import augment_batch, color_augment
-from pipeline.data.loaders import eval_batches, train_batches
+from pipeline.data.loaders import eval_batches, train_stream
 from pipeline.data.shards import MANIFEST, load_manifest
 from pipeline.distributed import DistEnv, all_reduce_mean, convert_sync_batchnorm, distributed, plain_module
 from pipeline.engine import EXIT_STOPPED, GracefulStop, History, Session, Throughput, check_finite
@@ -208,26 +206,6 @@ def _check_params(s: SegmenterConfig, num_classes: int, world_size: int) -> None
         )
 
 
-def _epoch_batches(
-    cfg: Config, shard_dir: Path, env: DistEnv, batch_size: int, epoch: int, skip: int
-) -> Iterable[tuple[Tensor, Tensor]]:
-    """This epoch's batches for this rank, without the first ``skip`` (already trained before a restart)."""
-    s = cfg.segmenter
-    batches = train_batches(
-        shard_dir,
-        "mosaics",
-        "train",
-        batch_size,
-        s.steps_per_epoch,
-        rank=env.rank,
-        world_size=env.world_size,
-        num_workers=cfg.train.num_workers,
-        seed=cfg.seed,
-        epoch=epoch,
-    )
-    return islice(batches, skip, None)
-
-
 def train_segmenter(cfg: Config, shard_dir: Path, out_dir: Path, ckpt_dir: Path) -> None:
     """Train with the params of ``cfg.segmenter`` under the current torchrun job (or alone).
 
@@ -274,51 +252,57 @@ def train_segmenter(cfg: Config, shard_dir: Path, out_dir: Path, ckpt_dir: Path)
         bar = session.progress(total, step, STAGE)
         speed, window = Throughput(), []
         try:
-            for epoch in range(step // s.steps_per_epoch, s.epochs):
-                skip = step - epoch * s.steps_per_epoch
-                for images, masks in _epoch_batches(cfg, shard_dir, env, local_batch, epoch, skip):
-                    gen = torch.Generator().manual_seed(derive_seed(cfg.seed, _AUGMENT_STREAM, step, env.rank))
-                    images, masks = augment_batch(
-                        images, masks, num_classes, gen, flip=geometry.flip, rot90=geometry.rot90
-                    )
-                    if s.color_augment > 0:
-                        images = color_augment(images, gen, s.color_augment)
-                    torch.manual_seed(derive_seed(cfg.seed, _DROPOUT_STREAM, step, env.rank))
-                    terms = train_step(step, images, masks)
-                    check_finite(terms, step, session.last_path)
-                    window.append(terms)
-                    speed.add(s.batch_size)
-                    step += 1
-                    bar.update(1)
-                    if step % s.log_every == 0 or step == total:
-                        logged = {f"train_{k}": sum(w[k] for w in window) / len(window) for k in STEP_METRICS}
-                        logged |= {"lr": train_step.lr(step - 1), "samples_per_s": speed.rate()}
-                        window.clear()
-                        history.append(step, logged)
-                        session.logger.log_metrics(logged, step)
-                        bar.set_postfix(loss=f"{logged['train_loss']:.3f}", lr=f"{logged['lr']:.2e}")
-                    epoch_end = step % s.steps_per_epoch == 0
-                    if epoch_end:
-                        result = evaluate(model, shard_dir, "val", local_batch, num_classes, env, channels_last)
-                        metrics = _val_metrics(result, classes) | {"epoch": epoch + 1}
-                        history.append(step, metrics)
-                        session.logger.log_metrics(metrics, step)
-                        session.print(f"{STAGE}: epoch {epoch + 1}/{s.epochs}: val mIoU {result['miou']:.4f}")
-                        if result["miou"] > best["val_miou"]:
-                            best = {"val_miou": result["miou"], "epoch": epoch + 1, "step": step}
-                            best |= {"val_pixel_accuracy": result["pixel_accuracy"], "val_iou": result["iou"]}
-                            best_state = {
-                                k: v.detach().cpu().clone() for k, v in plain_module(model).state_dict().items()
-                            }
-                    saved = epoch_end or step % s.checkpoint_every == 0
-                    if saved:
+            batches = train_stream(
+                shard_dir,
+                "mosaics",
+                local_batch,
+                s.steps_per_epoch,
+                rank=env.rank,
+                world_size=env.world_size,
+                num_workers=cfg.train.num_workers,
+                seed=cfg.seed,
+                start=step,
+            )
+            while step < total:
+                images, masks = next(batches)
+                gen = torch.Generator().manual_seed(derive_seed(cfg.seed, _AUGMENT_STREAM, step, env.rank))
+                images, masks = augment_batch(images, masks, num_classes, gen, flip=geometry.flip, rot90=geometry.rot90)
+                images = color_augment(images, gen, s.color_augment)
+                torch.manual_seed(derive_seed(cfg.seed, _DROPOUT_STREAM, step, env.rank))
+                terms = train_step(step, images, masks)
+                check_finite(terms, step, session.last_path)
+                window.append(terms)
+                speed.add(s.batch_size)
+                step += 1
+                bar.update(1)
+                if step % s.log_every == 0 or step == total:
+                    logged = {f"train_{k}": sum(w[k] for w in window) / len(window) for k in STEP_METRICS}
+                    logged |= {"lr": train_step.lr(step - 1), "samples_per_s": speed.rate()}
+                    window.clear()
+                    history.append(step, logged)
+                    session.logger.log_metrics(logged, step)
+                    bar.set_postfix(loss=f"{logged['train_loss']:.3f}", lr=f"{logged['lr']:.2e}")
+                epoch, within = divmod(step, s.steps_per_epoch)
+                epoch_end = within == 0
+                if epoch_end:
+                    result = evaluate(model, shard_dir, "val", local_batch, num_classes, env, channels_last)
+                    metrics = _val_metrics(result, classes) | {"epoch": epoch}
+                    history.append(step, metrics)
+                    session.logger.log_metrics(metrics, step)
+                    session.print(f"{STAGE}: epoch {epoch}/{s.epochs}: val mIoU {result['miou']:.4f}")
+                    if result["miou"] > best["val_miou"]:
+                        best = {"val_miou": result["miou"], "epoch": epoch, "step": step}
+                        best |= {"val_pixel_accuracy": result["pixel_accuracy"], "val_iou": result["iou"]}
+                        best_state = {k: v.detach().cpu().clone() for k, v in plain_module(model).state_dict().items()}
+                saved = epoch_end or step % s.checkpoint_every == 0
+                if saved:
+                    session.save(state(), step)
+                if step < total and stop.should_stop(env.device):
+                    if not saved:
                         session.save(state(), step)
-                    if step < total and stop.should_stop(env.device):
-                        if not saved:
-                            session.save(state(), step)
-                        session.print(f"{STAGE}: stopped at step {step}/{total}; resumable from {session.last_path}")
-                        session.logger.end("KILLED")
-                        raise SystemExit(EXIT_STOPPED)
+                    session.print(f"{STAGE}: stopped at step {step}/{total}; resumable from {session.last_path}")
+                    session.logger.end("KILLED")
+                    raise SystemExit(EXIT_STOPPED)
         except SystemExit:
             raise
         except BaseException:
