@@ -121,6 +121,7 @@ class SegmenterConfig:
     upsample: Literal["bilinear", "transpose"]
     dropout: float = _fraction()
     dilated_bottleneck: bool
+    sync_bn: bool
     color_augment: float = _check(lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]")
     lr: float = _positive()
     weight_decay: float = _non_negative()

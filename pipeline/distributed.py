@@ -2,7 +2,8 @@
 
 Works the same under ``torchrun --nproc_per_node=N`` (any N, any number of nodes) and as a
 plain process (world size 1, no process group). NCCL + one GPU per local rank + bf16 autocast on
-CUDA; gloo + fp32 on CPU.
+CUDA; gloo on CPU, with bf16 autocast where the CPU computes bf16 natively (AVX512-BF16 or AMX) and fp32
+elsewhere.
 """
 
 from __future__ import annotations
@@ -59,8 +60,21 @@ def _resolve_device(choice: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bf16 natively: CUDA, or an x86 CPU with AVX512-BF16 or AMX-BF16.
+
+    On such a CPU bf16 autocast made the U-Net training step 1.6x faster (AMD EPYC, 2 cores); without
+    them bf16 is emulated and slower than fp32.
+    """
+    if device.type == "cuda":
+        return True
+    capabilities = getattr(torch.cpu, "get_capabilities", None)  # absent from older torch releases
+    caps = capabilities() if capabilities is not None else {}
+    return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
+
+
 def _resolve_precision(choice: str, device: torch.device) -> torch.dtype | None:
-    if choice == "bf16" or (choice == "auto" and device.type == "cuda"):
+    if choice == "bf16" or (choice == "auto" and native_bf16(device)):
         return torch.bfloat16
     return None
 
@@ -133,6 +147,22 @@ def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str,
     all_reduce_sum(t)
     world = dist.get_world_size() if dist.is_initialized() else 1
     return {k: v / world for k, v in zip(keys, t.tolist(), strict=True)}
+
+
+def average_buffers(module: nn.Module) -> None:
+    """Replace every floating-point buffer (BatchNorm running statistics) by its mean across ranks, in place.
+
+    Per-rank BatchNorm leaves each rank with running statistics of its own batches; averaged (timm's
+    ``distribute_bn``), every rank holds one model to validate and checkpoint. Flattened into one collective.
+    """
+    buffers = [b for b in module.buffers() if b.is_floating_point()]
+    if not dist.is_initialized() or not buffers:
+        return
+    flat = torch.cat([b.detach().reshape(-1).double() for b in buffers])
+    all_reduce_sum(flat)
+    flat /= dist.get_world_size()
+    for b, mean in zip(buffers, flat.split([b.numel() for b in buffers]), strict=True):
+        b.copy_(mean.view_as(b))
 
 
 def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,8 @@ def test_single_process_without_torchrun(tiny_cfg: config.Config, monkeypatch: p
         monkeypatch.delenv(var, raising=False)
     with distributed.distributed(tiny_cfg.train) as env:
         assert (env.rank, env.world_size, env.is_main, env.distributed) == (0, 1, True, False)
-        assert env.backend == "gloo" and env.device.type == "cpu" and env.amp_dtype is None
+        assert env.backend == "gloo" and env.device.type == "cpu"
+        assert env.amp_dtype == (torch.bfloat16 if distributed.native_bf16(env.device) else None)
         t = torch.tensor([[1.0], [2.0]])
         assert torch.equal(distributed.all_gather_cat(t), t)
         assert distributed.all_reduce_mean({"a": 3.0}, env.device) == {"a": 3.0}
@@ -34,6 +35,20 @@ def test_bf16_precision_can_be_forced_on_cpu(tiny_params) -> None:
     with env.autocast():
         y = torch.nn.Linear(4, 4)(torch.randn(2, 4))
     assert y.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize(
+    ("capabilities", "expected"),
+    [({"avx512_bf16": True}, torch.bfloat16), ({"amx_bf16": True}, torch.bfloat16), ({"avx2": True}, None)],
+)
+def test_auto_precision_is_bf16_only_where_the_cpu_computes_it_natively(
+    capabilities: dict, expected: torch.dtype | None, tiny_params, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: capabilities)
+    auto = distributed.init_distributed(config.load(tiny_params({"train.precision": "auto"})).train)
+    assert auto.amp_dtype == expected
+    fp32 = distributed.init_distributed(config.load(tiny_params({"train.precision": "fp32"})).train)
+    assert fp32.amp_dtype is None
 
 
 def test_cuda_requested_without_gpu_is_a_user_error(tiny_params) -> None:
@@ -82,4 +97,5 @@ def test_collectives_over_two_gloo_processes(tiny_params, tmp_path: Path) -> Non
         assert r["mean"] == {"x": 0.5, "y": 2.0}
         assert r["stop"] is True
         assert r["obj"] == {"from": 0}
+        assert r["bn"] == [[0.5, 0.5], [2.0, 2.0], 0]  # running statistics averaged, the step count untouched
     assert r0["seed"] != r1["seed"]

@@ -1,9 +1,11 @@
-"""Train the U-Net texture segmenter under torchrun: DDP + synchronised BatchNorm, validation each epoch, resumable.
+"""Train the U-Net texture segmenter under torchrun: DDP, validation each epoch, resumable.
 
 Distribution: each rank trains on ``segmenter.batch_size / world_size`` mosaics per step from its own
-shards (:func:`pipeline.data.loaders.train_batches`); BatchNorm statistics span the global batch and the
-loss is a mean over images and pixels, so a step is the same computation for any world size at the same
-global batch (``SegmenterStep`` is what the equivalence test drives). Every random draw of a step
+shards (:func:`pipeline.data.loaders.train_batches`). With ``segmenter.sync_bn`` BatchNorm statistics span
+the global batch and, the loss being a mean over images and pixels, a step is the same computation for any
+world size at the same global batch (``SegmenterStep`` is what the equivalence test drives); without it
+(the default: cheaper) each rank normalises by its own batch and the running statistics are averaged
+across ranks before each validation and checkpoint. Every random draw of a step
 (augmentations, dropout) is seeded from (seed, step, rank), and the epoch's batch stream is re-created and
 fast-forwarded on resume, so a resumed run continues exactly where its checkpoint left it.
 
@@ -29,7 +31,14 @@ from pipeline.config import Config, SegmenterConfig
 from pipeline.data.augment import augment_batch, color_augment
 from pipeline.data.loaders import eval_batches, train_stream
 from pipeline.data.shards import MANIFEST, load_manifest
-from pipeline.distributed import DistEnv, all_reduce_mean, convert_sync_batchnorm, distributed, plain_module
+from pipeline.distributed import (
+    DistEnv,
+    all_reduce_mean,
+    average_buffers,
+    convert_sync_batchnorm,
+    distributed,
+    plain_module,
+)
 from pipeline.engine import EXIT_STOPPED, GracefulStop, History, Session, Throughput, check_finite
 from pipeline.errors import UserError
 from pipeline.metrics.segmentation import ConfusionMatrix
@@ -98,7 +107,7 @@ def build_model(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(seed, _INIT_STREAM))
         model: nn.Module = UNet(num_classes, s.channels, s.depth, s.upsample, s.dropout, s.dilated_bottleneck)
-    if env.distributed:
+    if env.distributed and s.sync_bn:
         model = convert_sync_batchnorm(model, env.device)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(env.device, memory_format=fmt)
@@ -108,8 +117,8 @@ def build_model(
         [{"params": decay, "weight_decay": s.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=s.lr
     )
     if env.distributed:
-        # BatchNorm running statistics come from synchronised batch statistics: identical on every rank,
-        # so DDP need not broadcast buffers at each forward (a collective per step).
+        # No buffer broadcast at each forward (a collective per step): SyncBN's running statistics are
+        # identical on every rank, per-rank BN's are averaged before each validation and checkpoint.
         ids = [env.device.index] if env.device.type == "cuda" else None
         model = DDP(model, device_ids=ids, **_NO_FORWARD_BUFFER_SYNC)
     return model, optimizer
@@ -248,6 +257,11 @@ def train_segmenter(cfg: Config, shard_dir: Path, out_dir: Path, ckpt_dir: Path)
                 "best_model": best_state,
             }
 
+        def settle() -> None:
+            """One model on every rank (per-rank BatchNorm statistics averaged) before validating or saving."""
+            if env.distributed and not s.sync_bn:
+                average_buffers(plain_module(model))
+
         geometry = cfg.data.augment
         bar = session.progress(total, step, STAGE)
         speed, window = Throughput(), []
@@ -284,6 +298,9 @@ def train_segmenter(cfg: Config, shard_dir: Path, out_dir: Path, ckpt_dir: Path)
                     bar.set_postfix(loss=f"{logged['train_loss']:.3f}", lr=f"{logged['lr']:.2e}")
                 epoch, within = divmod(step, s.steps_per_epoch)
                 epoch_end = within == 0
+                saved = epoch_end or step % s.checkpoint_every == 0
+                if saved:
+                    settle()
                 if epoch_end:
                     result = evaluate(model, shard_dir, "val", local_batch, num_classes, env, channels_last)
                     metrics = _val_metrics(result, classes) | {"epoch": epoch}
@@ -294,11 +311,11 @@ def train_segmenter(cfg: Config, shard_dir: Path, out_dir: Path, ckpt_dir: Path)
                         best = {"val_miou": result["miou"], "epoch": epoch, "step": step}
                         best |= {"val_pixel_accuracy": result["pixel_accuracy"], "val_iou": result["iou"]}
                         best_state = {k: v.detach().cpu().clone() for k, v in plain_module(model).state_dict().items()}
-                saved = epoch_end or step % s.checkpoint_every == 0
                 if saved:
                     session.save(state(), step)
                 if step < total and stop.should_stop(env.device):
                     if not saved:
+                        settle()
                         session.save(state(), step)
                     session.print(f"{STAGE}: stopped at step {step}/{total}; resumable from {session.last_path}")
                     session.logger.end("KILLED")

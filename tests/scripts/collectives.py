@@ -18,6 +18,10 @@ with distributed.distributed(cfg.train) as env:
     mean = distributed.all_reduce_mean({"x": float(env.rank), "y": 2.0}, env.device)
     stop = distributed.any_rank(env.rank == 1, env.device)
     obj = distributed.broadcast_object({"from": env.rank})
+    bn = torch.nn.BatchNorm2d(2)
+    bn.running_mean.fill_(float(env.rank))
+    bn.running_var.fill_(1.0 + 2 * env.rank)
+    distributed.average_buffers(bn)
     result = {
         "rank": env.rank,
         "world": env.world_size,
@@ -29,6 +33,7 @@ with distributed.distributed(cfg.train) as env:
         "mean": mean,
         "stop": stop,
         "obj": obj,
+        "bn": [bn.running_mean.tolist(), bn.running_var.tolist(), int(bn.num_batches_tracked)],
     }
     with open(f"{out}/rank{env.rank}.json", "w") as f:
         json.dump(result, f)
