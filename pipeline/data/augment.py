@@ -44,10 +44,9 @@ def augment_batch(
         raise ValueError(f"scale_range must satisfy {MIN_SCALE} <= low <= high, got {scale_range}")
     b, c, h, w = images.shape
     draws = torch.rand(b, 6, generator=generator, dtype=torch.float64).tolist()
-    out_images, out_masks = [], []
-    for i, (u_h, u_v, u_rot, u_scale, u_y, u_x) in enumerate(draws):
-        onehot = F.one_hot(masks[i], num_classes).permute(2, 0, 1).to(images.dtype)
-        x = torch.cat([images[i], onehot])
+    both = torch.cat([images, F.one_hot(masks, num_classes).permute(0, 3, 1, 2).to(images.dtype)], dim=1)
+    out = []
+    for x, (u_h, u_v, u_rot, u_scale, u_y, u_x) in zip(both, draws, strict=True):
         if flip and u_h < 0.5:
             x = x.flip(-1)
         if flip and u_v < 0.5:
@@ -58,9 +57,9 @@ def augment_batch(
         if scale_range is not None and scale_range[1] > scale_range[0]:
             scale = scale_range[0] + u_scale * (scale_range[1] - scale_range[0])
             x = _rescale(x, scale, h, w, u_y, u_x)
-        out_images.append(x[:c])
-        out_masks.append(x[c:].argmax(0))
-    return torch.stack(out_images), torch.stack(out_masks)
+        out.append(x)
+    x = torch.stack(out)
+    return x[:, :c].contiguous(), x[:, c:].argmax(1)
 
 
 def _rescale(x: Tensor, scale: float, h: int, w: int, u_y: float, u_x: float) -> Tensor:
