@@ -45,9 +45,10 @@ def test_auto_precision_is_bf16_only_where_the_cpu_computes_it_natively(
     capabilities: dict, expected: torch.dtype | None, tiny_params, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: capabilities)
-    auto = distributed.init_distributed(config.load(tiny_params({"train.precision": "auto"})).train)
+    cpu = {"train.device": "cpu"}
+    auto = distributed.init_distributed(config.load(tiny_params(cpu | {"train.precision": "auto"})).train)
     assert auto.amp_dtype == expected
-    fp32 = distributed.init_distributed(config.load(tiny_params({"train.precision": "fp32"})).train)
+    fp32 = distributed.init_distributed(config.load(tiny_params(cpu | {"train.precision": "fp32"})).train)
     assert fp32.amp_dtype is None
 
 
