@@ -119,10 +119,12 @@ class SegmenterConfig:
     channels: int = _check(lambda v: v > 0 and v % 4 == 0, "a positive multiple of 4")
     depth: int = _check(lambda v: 1 <= v <= 5, "an integer in [1, 5]")
     upsample: Literal["bilinear", "transpose"]
+    decoder: Literal["concat", "add"]
     dropout: float = _fraction()
     dilated_bottleneck: bool
     sync_bn: bool
     color_augment: float = _check(lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]")
+    scale_augment: float = _check(lambda v: 0.0 <= v <= 0.5, "a number in [0, 0.5]")
     lr: float = _positive()
     weight_decay: float = _non_negative()
     schedule: Literal["poly", "cosine"]

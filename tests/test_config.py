@@ -35,6 +35,8 @@ def test_repo_params_load() -> None:
         ({"data": []}, "params.yaml: data: expected a mapping"),
         ({"data.source": "folder", "data.folder": ""}, "params.yaml: data.folder: required when data.source"),
         ({"data.min_shards": 1, "train.nproc_per_node": 4}, "params.yaml: data.min_shards: expected >= "),
+        ({"segmenter.scale_augment": 0.6}, "params.yaml: segmenter.scale_augment: expected a number in [0, 0.5]"),
+        ({"segmenter.decoder": "sum"}, "params.yaml: segmenter.decoder: expected one of 'concat', 'add', got 'sum'"),
     ],
 )
 def test_bad_values_name_the_key(override: dict, message: str, tmp_path: Path) -> None:

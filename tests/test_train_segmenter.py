@@ -37,12 +37,13 @@ from tests.conftest import ROOT
 STAGE = ROOT / "stages" / "train_segmenter.py"
 WORLD_SCRIPT = ROOT / "tests" / "scripts" / "seg_world.py"
 # 3 epochs x 4 steps with a checkpoint every 2 steps: long enough to be stopped part-way.
-# With colour augmentation on: its per-step draws must survive a restart too.
+# With colour and scale augmentation on: their per-step draws must survive a restart too.
 RESUMABLE = {
     "segmenter.epochs": 3,
     "segmenter.steps_per_epoch": 4,
     "segmenter.checkpoint_every": 2,
     "segmenter.color_augment": 0.4,
+    "segmenter.scale_augment": 0.25,
 }
 TIMEOUT = 300
 
@@ -244,7 +245,9 @@ def test_sigterm_exits_143_with_a_loadable_checkpoint(tiny_params, tiny_shards: 
     assert code == EXIT_STOPPED
     state = checkpoint.load(tmp_path / "checkpoints" / checkpoint.LAST)
     assert 2 <= state["step"] < 12 and state["run_id"]
-    UNet(num_classes=4, channels=8, depth=2).load_state_dict(state["model"])
+    UNet(num_classes=4, channels=8, depth=2, decoder=config.load(params).segmenter.decoder).load_state_dict(
+        state["model"]
+    )
     assert not (tmp_path / "models" / "model.pt").exists()
 
 

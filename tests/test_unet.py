@@ -27,6 +27,8 @@ from pipeline.models.unet import (
         {"channels": 4, "depth": 5, "dropout": 0.3},
         {"channels": 8, "depth": 3, "dilated_bottleneck": True},
         {"channels": 8, "depth": 2, "upsample": "transpose", "dilated_bottleneck": True},
+        {"channels": 8, "depth": 4, "decoder": "add"},
+        {"channels": 8, "depth": 3, "upsample": "transpose", "decoder": "add"},
     ],
 )
 @pytest.mark.parametrize("size", [(32, 32), (37, 50), (5, 9)])
@@ -54,6 +56,33 @@ def test_widths_double_per_level_and_match_the_reference_size() -> None:
     assert {(2, 2), (4, 4), (6, 6)} <= dilations
 
 
+def test_add_decoder_merges_by_addition_at_a_fraction_of_the_cost() -> None:
+    """LinkNet merge: each level adds the projected deeper map to the skip and runs one 3x3 conv.
+
+    Its decoder does less than half the multiply-adds of the concatenating one on the same encoder.
+    """
+    macs: dict[str, int] = {}
+
+    def count(name: str) -> None:
+        def hook(mod: nn.Conv2d, inp: tuple, out: torch.Tensor) -> None:
+            macs[name] += out.numel() * mod.in_channels * mod.kernel_size[0] * mod.kernel_size[1] // mod.groups
+
+        return hook
+
+    for decoder in ("concat", "add"):
+        model = UNet(num_classes=8, channels=16, depth=3, decoder=decoder)
+        macs[decoder] = 0
+        for m in model.up.modules():
+            if isinstance(m, nn.Conv2d):
+                m.register_forward_hook(count(decoder))
+        model(torch.rand(1, 3, 64, 64))
+        if decoder == "add":
+            level = model.up[-1]  # full resolution: 32 -> 16 projection, then one 16 -> 16 conv
+            assert [c.kernel_size for c in level.modules() if isinstance(c, nn.Conv2d)] == [(1, 1), (3, 3)]
+            assert level.conv[0].in_channels == level.conv[0].out_channels == 16
+    assert macs["add"] < 0.4 * macs["concat"]
+
+
 def test_dropout_is_active_in_training_only() -> None:
     model = UNet(num_classes=3, channels=4, depth=2, dropout=0.5)
     x = torch.rand(2, 3, 16, 16)
@@ -79,6 +108,8 @@ def test_channels_last_gives_the_same_logits() -> None:
 def test_bad_arguments_raise() -> None:
     with pytest.raises(ValueError, match="upsample"):
         UNet(num_classes=3, upsample="nearest")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="decoder"):
+        UNet(num_classes=3, decoder="sum")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="num_classes"):
         UNet(num_classes=1)
     with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
@@ -87,7 +118,9 @@ def test_bad_arguments_raise() -> None:
 
 def test_save_and_load_round_trip(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    model = UNet(num_classes=4, channels=8, depth=3, upsample="transpose", dropout=0.1, dilated_bottleneck=True)
+    model = UNet(
+        num_classes=4, channels=8, depth=3, upsample="transpose", dropout=0.1, dilated_bottleneck=True, decoder="add"
+    )
     model.train()
     model(torch.rand(4, 3, 32, 32))  # move the BatchNorm running statistics off their defaults
     model.eval()

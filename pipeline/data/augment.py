@@ -44,7 +44,12 @@ def augment_batch(
         raise ValueError(f"scale_range must satisfy {MIN_SCALE} <= low <= high, got {scale_range}")
     b, c, h, w = images.shape
     draws = torch.rand(b, 6, generator=generator, dtype=torch.float64).tolist()
-    both = torch.cat([images, F.one_hot(masks, num_classes).permute(0, 3, 1, 2).to(images.dtype)], dim=1)
+    rescale = scale_range is not None and scale_range[1] > scale_range[0]
+    if rescale:  # resampled: the mask travels as one-hot planes and comes back as their argmax
+        planes = F.one_hot(masks, num_classes).permute(0, 3, 1, 2).to(images.dtype)
+    else:  # flips and turns only move pixels: the class index travels as one exact channel
+        planes = masks[:, None].to(images.dtype)
+    both = torch.cat([images, planes], dim=1)
     out = []
     for x, (u_h, u_v, u_rot, u_scale, u_y, u_x) in zip(both, draws, strict=True):
         if flip and u_h < 0.5:
@@ -54,11 +59,13 @@ def augment_batch(
         if rot90:
             turns = int(u_rot * 4) if h == w else 2 * int(u_rot * 2)
             x = torch.rot90(x, turns, dims=(-2, -1))
-        if scale_range is not None and scale_range[1] > scale_range[0]:
+        if rescale:
             scale = scale_range[0] + u_scale * (scale_range[1] - scale_range[0])
             x = _rescale(x, scale, h, w, u_y, u_x)
         out.append(x)
     x = torch.stack(out)
+    if not rescale:
+        return x[:, :c].contiguous(), x[:, c].long()
     # ``max(1).indices`` is ``argmax(1)`` (first maximum on ties) at a quarter of its CPU time on this layout.
     return x[:, :c].contiguous(), x[:, c:].max(1).indices
 

@@ -1,8 +1,11 @@
 """U-Net texture segmenter (Ronneberger et al. 2015) with an optional atrous (DeepLab-style) bottleneck.
 
 ``depth`` counts resolution levels including the bottleneck: ``channels=16, depth=3`` has encoder
-widths 16/32 and a 64-wide bottleneck at 1/4 resolution. Under DDP the trainer synchronises its
-BatchNorm across ranks (:func:`pipeline.distributed.convert_sync_batchnorm`).
+widths 16/32 and a 64-wide bottleneck at 1/4 resolution. The decoder merges each skip as in the paper
+(``"concat"``: concatenate, two 3x3 convs) or as in LinkNet (Chaurasia & Culurciello 2017, ``"add"``:
+project the deeper map to the skip's width, add, one 3x3 conv), which costs about half as much: the
+concatenating convs at full and half resolution are most of a shallow U-Net's work. Under DDP the
+trainer can synchronise BatchNorm across ranks (``segmenter.sync_bn``).
 """
 
 from __future__ import annotations
@@ -65,11 +68,29 @@ class AtrousBottleneck(nn.Module):
         return self.project(torch.cat([b(x) for b in self.branches] + [pooled], dim=1))
 
 
+def _conv_bn_relu(c_in: int, c_out: int, kernel: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, kernel, padding=kernel // 2, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)
+    )
+
+
 class _Up(nn.Module):
-    def __init__(self, c_in: int, c_skip: int, c_out: int, mode: str) -> None:
+    """One decoder level: upsample the deeper map and merge the skip (concatenate + 2 convs, or add + 1 conv)."""
+
+    def __init__(self, c_in: int, c_skip: int, c_out: int, mode: str, merge: str) -> None:
         super().__init__()
+        self.merge = merge
+        if merge == "add":  # LinkNet: bring the deeper map to the skip's width first, at its low resolution
+            if mode == "transpose":
+                self.up: nn.Module = nn.ConvTranspose2d(c_in, c_skip, 2, stride=2)
+            else:
+                self.up = nn.Sequential(
+                    _conv_bn_relu(c_in, c_skip, 1), nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False)
+                )
+            self.conv: nn.Module = _conv_bn_relu(c_skip, c_out, 3)
+            return
         if mode == "transpose":
-            self.up: nn.Module = nn.ConvTranspose2d(c_in, c_skip, 2, stride=2)
+            self.up = nn.ConvTranspose2d(c_in, c_skip, 2, stride=2)
             c_cat = 2 * c_skip
         else:
             self.up = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False)
@@ -77,6 +98,8 @@ class _Up(nn.Module):
         self.conv = _double_conv(c_cat, c_out)
 
     def forward(self, x: Tensor, skip: Tensor) -> Tensor:
+        if self.merge == "add":
+            return self.conv(skip + self.up(x))
         return self.conv(torch.cat([skip, self.up(x)], dim=1))
 
 
@@ -91,6 +114,7 @@ class UNet(nn.Module):
         upsample: Literal["bilinear", "transpose"] = "bilinear",
         dropout: float = 0.0,
         dilated_bottleneck: bool = False,
+        decoder: Literal["concat", "add"] = "concat",
     ) -> None:
         super().__init__()
         if num_classes < 2 or channels < 1 or depth < 1:
@@ -99,6 +123,8 @@ class UNet(nn.Module):
             )
         if upsample not in ("bilinear", "transpose"):
             raise ValueError(f"upsample must be 'bilinear' or 'transpose', got {upsample!r}")
+        if decoder not in ("concat", "add"):
+            raise ValueError(f"decoder must be 'concat' or 'add', got {decoder!r}")
         self.kwargs = {
             "num_classes": num_classes,
             "channels": channels,
@@ -106,6 +132,7 @@ class UNet(nn.Module):
             "upsample": upsample,
             "dropout": float(dropout),
             "dilated_bottleneck": bool(dilated_bottleneck),
+            "decoder": decoder,
         }
         widths = [channels * 2**i for i in range(depth)]
         self.multiple = 2 ** (depth - 1)
@@ -117,7 +144,9 @@ class UNet(nn.Module):
         self.bottleneck = AtrousBottleneck(c_in, widths[-1]) if dilated_bottleneck else _double_conv(c_in, widths[-1])
         # As in the paper: dropout at the end of the contracting path.
         self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
-        self.up = nn.ModuleList(_Up(widths[i + 1], widths[i], widths[i], upsample) for i in reversed(range(depth - 1)))
+        self.up = nn.ModuleList(
+            _Up(widths[i + 1], widths[i], widths[i], upsample, decoder) for i in reversed(range(depth - 1))
+        )
         self.head = nn.Conv2d(widths[0], num_classes, 1)
 
     @property

@@ -106,7 +106,9 @@ def build_model(
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(seed, _INIT_STREAM))
-        model: nn.Module = UNet(num_classes, s.channels, s.depth, s.upsample, s.dropout, s.dilated_bottleneck)
+        model: nn.Module = UNet(
+            num_classes, s.channels, s.depth, s.upsample, s.dropout, s.dilated_bottleneck, s.decoder
+        )
     if env.distributed and s.sync_bn:
         model = convert_sync_batchnorm(model, env.device)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -263,6 +265,7 @@ def train_segmenter(cfg: Config, shard_dir: Path, out_dir: Path, ckpt_dir: Path)
                 average_buffers(plain_module(model))
 
         geometry = cfg.data.augment
+        scales = (1.0 - s.scale_augment, 1.0 + s.scale_augment) if s.scale_augment > 0 else None
         bar = session.progress(total, step, STAGE)
         speed, window = Throughput(), []
         try:
@@ -280,7 +283,9 @@ def train_segmenter(cfg: Config, shard_dir: Path, out_dir: Path, ckpt_dir: Path)
             while step < total:
                 images, masks = next(batches)
                 gen = torch.Generator().manual_seed(derive_seed(cfg.seed, _AUGMENT_STREAM, step, env.rank))
-                images, masks = augment_batch(images, masks, num_classes, gen, flip=geometry.flip, rot90=geometry.rot90)
+                images, masks = augment_batch(
+                    images, masks, num_classes, gen, flip=geometry.flip, rot90=geometry.rot90, scale_range=scales
+                )
                 images = color_augment(images, gen, s.color_augment)
                 torch.manual_seed(derive_seed(cfg.seed, _DROPOUT_STREAM, step, env.rank))
                 terms = train_step(step, images, masks)
