@@ -29,15 +29,18 @@ INPUT_STD = 0.25
 ATROUS_RATES = (2, 4, 6)
 
 
-def _double_conv(c_in: int, c_out: int) -> nn.Sequential:
+def _conv_bn_relu(c_in: int, c_out: int, kernel: int, dilation: int = 1) -> nn.Sequential:
+    """Conv (no bias, "same" padding) -> BatchNorm -> ReLU: the block every level of the network is built of."""
+    pad = dilation * (kernel // 2)
     return nn.Sequential(
-        nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
-        nn.BatchNorm2d(c_out),
-        nn.ReLU(inplace=True),
-        nn.Conv2d(c_out, c_out, 3, padding=1, bias=False),
+        nn.Conv2d(c_in, c_out, kernel, padding=pad, dilation=dilation, bias=False),
         nn.BatchNorm2d(c_out),
         nn.ReLU(inplace=True),
     )
+
+
+def _double_conv(c_in: int, c_out: int) -> nn.Sequential:
+    return nn.Sequential(*_conv_bn_relu(c_in, c_out, 3), *_conv_bn_relu(c_out, c_out, 3))
 
 
 class AtrousBottleneck(nn.Module):
@@ -46,32 +49,16 @@ class AtrousBottleneck(nn.Module):
     def __init__(self, c_in: int, c_out: int) -> None:
         super().__init__()
 
-        def branch(kernel: int, dilation: int) -> nn.Sequential:
-            pad = dilation * (kernel // 2)
-            return nn.Sequential(
-                nn.Conv2d(c_in, c_out, kernel, padding=pad, dilation=dilation, bias=False),
-                nn.BatchNorm2d(c_out),
-                nn.ReLU(inplace=True),
-            )
-
-        self.branches = nn.ModuleList([branch(1, 1), *(branch(3, r) for r in ATROUS_RATES)])
+        self.branches = nn.ModuleList(
+            [_conv_bn_relu(c_in, c_out, 1), *(_conv_bn_relu(c_in, c_out, 3, r) for r in ATROUS_RATES)]
+        )
         # No BatchNorm on the pooled 1x1 branch: its statistics would come from one value per image.
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(c_in, c_out, 1), nn.ReLU(inplace=True))
-        self.project = nn.Sequential(
-            nn.Conv2d(c_out * (len(self.branches) + 1), c_out, 1, bias=False),
-            nn.BatchNorm2d(c_out),
-            nn.ReLU(inplace=True),
-        )
+        self.project = _conv_bn_relu(c_out * (len(self.branches) + 1), c_out, 1)
 
     def forward(self, x: Tensor) -> Tensor:
         pooled = self.pool(x).expand(-1, -1, *x.shape[-2:])
         return self.project(torch.cat([b(x) for b in self.branches] + [pooled], dim=1))
-
-
-def _conv_bn_relu(c_in: int, c_out: int, kernel: int) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(c_in, c_out, kernel, padding=kernel // 2, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)
-    )
 
 
 class _Up(nn.Module):
