@@ -120,6 +120,7 @@ class SegmenterConfig:
     depth: int = _check(lambda v: 1 <= v <= 5, "an integer in [1, 5]")
     upsample: Literal["bilinear", "transpose"]
     decoder: Literal["concat", "add"]
+    tta: Literal["none", "flip", "d8"]
     dropout: float = _fraction()
     dilated_bottleneck: bool
     sync_bn: bool
@@ -292,6 +293,13 @@ def _validate_cross(cfg: Config, source: str) -> None:
         raise ConfigError(f"{source}: data.source_size: must be >= patch_size and mosaic_size")
     if cfg.segmenter.class_weights and cfg.data.classes and len(cfg.segmenter.class_weights) != len(cfg.data.classes):
         raise ConfigError(f"{source}: segmenter.class_weights: expected one weight per class in data.classes")
+    learned = {"none": (), "flip": ("flip",), "d8": ("flip", "rot90")}[cfg.segmenter.tta]
+    missing = [name for name in learned if not getattr(d.augment, name)]
+    if missing:
+        raise ConfigError(
+            f"{source}: segmenter.tta: {cfg.segmenter.tta!r} averages views the model learns only with "
+            f"data.augment.{missing[0]}: true (or set segmenter.tta: none)"
+        )
     if isinstance(cfg.train.nproc_per_node, int):
         needed = cfg.train.nproc_per_node * max(1, cfg.train.num_workers)
         if d.min_shards < needed:

@@ -280,7 +280,8 @@ def evaluate_segmenter(cfg: Config, env: DistEnv, shard_dir: Path, model_path: P
     """``{"metrics": segmenter.json content (every rank), "plots": confusion/IoU/examples data (rank 0)}``.
 
     ``metrics``: miou, pixel_accuracy, iou (class -> IoU, None for a class in neither truth nor
-    prediction, also listed in absent_classes), num_images, num_pixels.
+    prediction, also listed in absent_classes), num_images, num_pixels: the model as it serves (with its
+    test-time views); miou_single_view, pixel_accuracy_single_view: its network on one view.
     """
     shard_dir = Path(shard_dir)
     manifest = load_manifest(shard_dir)
@@ -290,15 +291,17 @@ def evaluate_segmenter(cfg: Config, env: DistEnv, shard_dir: Path, model_path: P
     num_mosaics = manifest["splits"]["test"]["mosaics"]["samples"]
     pixels = manifest["params"]["mosaic_size"] ** 2
 
-    matrix = ConfusionMatrix(len(classes))
+    matrix, single_view = ConfusionMatrix(len(classes)), ConfusionMatrix(len(classes))
     picked, index = [torch.empty(0, 2, dtype=torch.int64)], [torch.empty(0, dtype=torch.int64)]
     seen = 0
     batches = eval_batches(
         shard_dir, "mosaics", "test", cfg.evaluate.batch_size, rank=env.rank, world_size=env.world_size
     )
     for images, masks in batches:
-        pred = model(images.to(env.device)).argmax(1).cpu()
+        images = images.to(env.device)
+        pred = model(images).argmax(1).cpu()
         matrix.update(pred, masks)
+        single_view.update(model.logits(images).argmax(1).cpu(), masks)
         for p, t in zip(pred.flatten(1), masks.flatten(1), strict=True):
             mosaic = seen * env.world_size + env.rank  # eval_batches' rank-strided order
             positions = pixel_sample(mosaic, num_mosaics, pixels, cfg.seed)
@@ -306,10 +309,11 @@ def evaluate_segmenter(cfg: Config, env: DistEnv, shard_dir: Path, model_path: P
             index.append(mosaic * pixels + positions)
             seen += 1
     matrix.reduce_from_all_processes()
+    single_view.reduce_from_all_processes()
     num_images = int(all_reduce_sum(torch.tensor([seen], device=collective_device())).item())
     sample = _ordered_gather(torch.cat(picked), torch.cat(index))
 
-    result = matrix.compute()
+    result, single = matrix.compute(), single_view.compute()
     iou = {
         name: (value if present else None)
         for name, value, present in zip(classes, result["iou"], result["present"], strict=True)
@@ -321,6 +325,8 @@ def evaluate_segmenter(cfg: Config, env: DistEnv, shard_dir: Path, model_path: P
         "absent_classes": [name for name, value in iou.items() if value is None],
         "num_images": num_images,
         "num_pixels": int(matrix.mat.sum()),
+        "miou_single_view": _finite(single["miou"]),
+        "pixel_accuracy_single_view": _finite(single["pixel_accuracy"]),
     }
     plots: dict[str, Any] = {}
     if env.is_main:

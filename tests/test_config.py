@@ -37,6 +37,12 @@ def test_repo_params_load() -> None:
         ({"data.min_shards": 1, "train.nproc_per_node": 4}, "params.yaml: data.min_shards: expected >= "),
         ({"segmenter.scale_augment": 0.6}, "params.yaml: segmenter.scale_augment: expected a number in [0, 0.5]"),
         ({"segmenter.decoder": "sum"}, "params.yaml: segmenter.decoder: expected one of 'concat', 'add', got 'sum'"),
+        (
+            {"data.augment.rot90": False},
+            "params.yaml: segmenter.tta: 'd8' averages views the model learns only with data.augment.rot90: true "
+            "(or set segmenter.tta: none)",
+        ),
+        ({"data.augment.flip": False, "segmenter.tta": "flip"}, "params.yaml: segmenter.tta: 'flip' averages views"),
     ],
 )
 def test_bad_values_name_the_key(override: dict, message: str, tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ from pipeline.data.shards import load_manifest, prepare_dataset
 from pipeline.distributed import DistEnv
 from pipeline.models.features import TextureFeatureNet, load_feature_extractor, save_feature_extractor
 from pipeline.models.gan import Generator, save_generator
-from pipeline.models.unet import UNet, save_segmenter
+from pipeline.models.unet import UNet, load_segmenter, save_segmenter
 from pipeline.tracking import RunLogger, file_sha256
 from tests.conftest import ROOT, write_params
 
@@ -36,6 +36,7 @@ BASELINE_KEYS = {
     "num_real_train",
 }  # fmt: skip
 SEGMENTER_KEYS = {"miou", "pixel_accuracy", "iou", "absent_classes", "num_images", "num_pixels"}
+SEGMENTER_KEYS |= {"miou_single_view", "pixel_accuracy_single_view"}
 
 
 def write_models(cfg: config.Config, shard_dir: Path, root: Path) -> Path:
@@ -170,6 +171,20 @@ def test_segmenter_report(tiny_models, tiny_shards: Path) -> None:
     assert m["pixel_accuracy"] == pytest.approx(diagonal / m["num_pixels"])
     assert len(p["actual"]) == len(p["predicted"]) == min(evaluation.CONFUSION_SAMPLES, m["num_pixels"])
     assert p["images"].shape == (evaluation.SEGMENTATION_EXAMPLES, side, side, 3)
+
+
+def test_segmenter_report_scores_the_served_views_and_one_view(tiny_models, tiny_shards: Path, tmp_path: Path) -> None:
+    cfg, models = tiny_models
+    model, meta = load_segmenter(models / "segmenter/model.pt")
+    report = {}
+    for tta in ("none", "d8"):
+        net = UNet(**(model.kwargs | {"tta": tta}))
+        net.load_state_dict(model.state_dict())
+        save_segmenter(tmp_path / f"{tta}.pt", net, meta)
+        report[tta] = evaluation.evaluate_segmenter(cfg, SINGLE, tiny_shards, tmp_path / f"{tta}.pt")["metrics"]
+    single, served = report["none"], report["d8"]
+    assert single["miou"] == single["miou_single_view"] == served["miou_single_view"]
+    assert single["pixel_accuracy"] == single["pixel_accuracy_single_view"] == served["pixel_accuracy_single_view"]
 
 
 def test_pixel_sample_is_stratified_and_fixed() -> None:

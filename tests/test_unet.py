@@ -1,4 +1,4 @@
-"""U-Net segmenter: shapes for every option, the documented widths, save/load, synchronised BatchNorm conversion."""
+"""U-Net segmenter: shapes for every option, the documented widths, test-time views, save/load, SyncBN conversion."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from torch import nn
 from pipeline.checkpoint import CheckpointError
 from pipeline.distributed import SyncBatchNorm2d, convert_sync_batchnorm
 from pipeline.models.unet import (
+    TTA_VIEWS,
     AtrousBottleneck,
     UNet,
     load_segmenter,
@@ -106,11 +107,64 @@ def test_channels_last_gives_the_same_logits() -> None:
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
 
 
+def _trained_bn(model: UNet) -> UNet:
+    """``model`` in eval mode with BatchNorm statistics moved off their defaults by one training forward."""
+    model.train()
+    model(torch.rand(4, 3, 32, 32))
+    return model.eval()
+
+
+@pytest.mark.parametrize("size", [(24, 24), (20, 28)])  # square, and not a multiple of the pooling (padded)
+def test_d8_views_make_predictions_follow_turns_and_flips(size: tuple[int, int]) -> None:
+    """Averaged over the dihedral group, the prediction of a turned/flipped image is the turned/flipped prediction.
+
+    A single view has no such symmetry (checked too), so this holds only if every view is undone correctly.
+    """
+    torch.manual_seed(0)
+    model = _trained_bn(UNet(num_classes=4, channels=8, depth=3, decoder="add", tta="d8"))
+    x = torch.rand(2, 3, *size)
+    out = model(x)
+    assert out.shape == (2, 4, *size)
+    torch.testing.assert_close(out.exp().sum(1), torch.ones(2, *size))  # log-probabilities
+    for move in (lambda t: t.rot90(1, (2, 3)), lambda t: t.flip(3), lambda t: t.flip(2).rot90(3, (2, 3))):
+        torch.testing.assert_close(model(move(x)), move(out), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(model.logits(x.flip(3)), model.logits(x).flip(3), atol=1e-3)
+
+
+def test_flip_views_follow_flips() -> None:
+    torch.manual_seed(0)
+    model = _trained_bn(UNet(num_classes=3, channels=8, depth=2, tta="flip"))
+    x = torch.rand(1, 3, 16, 20)
+    out = model(x)
+    for move in (lambda t: t.flip(3), lambda t: t.flip(2), lambda t: t.flip(2, 3)):
+        torch.testing.assert_close(model(move(x)), move(out), atol=1e-5, rtol=1e-5)
+    assert len(TTA_VIEWS["flip"]) == 4 and len(TTA_VIEWS["d8"]) == 8 == len(set(TTA_VIEWS["d8"]))
+
+
+def test_training_and_tta_none_see_one_view() -> None:
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 16, 16)
+    plain = _trained_bn(UNet(num_classes=3, channels=4, depth=2))
+    assert torch.equal(plain(x), plain.logits(x))
+    d8 = UNet(num_classes=3, channels=4, depth=2, tta="d8")
+    d8.load_state_dict(plain.state_dict())
+    d8.eval()
+    assert not torch.allclose(d8(x), plain(x))
+    d8.train()
+    torch.manual_seed(1)
+    a = d8(x)
+    plain.train()
+    torch.manual_seed(1)
+    assert torch.equal(a, plain(x))  # train mode: one view, the same computation as without tta
+
+
 def test_bad_arguments_raise() -> None:
     with pytest.raises(ValueError, match="upsample"):
         UNet(num_classes=3, upsample="nearest")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="decoder"):
         UNet(num_classes=3, decoder="sum")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="tta"):
+        UNet(num_classes=3, tta="d4")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="num_classes"):
         UNet(num_classes=1)
     with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
@@ -120,7 +174,14 @@ def test_bad_arguments_raise() -> None:
 def test_save_and_load_round_trip(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = UNet(
-        num_classes=4, channels=8, depth=3, upsample="transpose", dropout=0.1, dilated_bottleneck=True, decoder="add"
+        num_classes=4,
+        channels=8,
+        depth=3,
+        upsample="transpose",
+        dropout=0.1,
+        dilated_bottleneck=True,
+        decoder="add",
+        tta="flip",
     )
     model.train()
     model(torch.rand(4, 3, 32, 32))  # move the BatchNorm running statistics off their defaults

@@ -6,6 +6,11 @@ widths 16/32 and a 64-wide bottleneck at 1/4 resolution. The decoder merges each
 project the deeper map to the skip's width, add, one 3x3 conv), which costs about half as much: the
 concatenating convs at full and half resolution are most of a shallow U-Net's work. Under DDP the
 trainer can synchronise BatchNorm across ranks (``segmenter.sync_bn``).
+
+In eval mode the model can average its class probabilities over the dihedral views of the input
+(``tta``: ``"flip"`` = the 4 flips, ``"d8"`` = the 4 rotations x 2 flips; test-time augmentation):
+a texture's class does not change when it is flipped or turned, but the single view's mistakes,
+mostly within a few pixels of a region border, do. Training (train mode) always sees one view.
 """
 
 from __future__ import annotations
@@ -27,6 +32,12 @@ INPUT_STD = 0.25
 # Atrous rates at the bottleneck (1/4 of a 64-px mosaic at depth 3 is 16 px: rates up to 6 still
 # see mostly real pixels); DeepLabv3 uses 6/12/18 at its larger feature maps.
 ATROUS_RATES = (2, 4, 6)
+# Test-time views: (quarter turns, horizontal flip) pairs, each undone on the prediction.
+TTA_VIEWS: dict[str, tuple[tuple[int, bool], ...]] = {
+    "none": ((0, False),),
+    "flip": ((0, False), (0, True), (2, False), (2, True)),  # identity, h-flip, rot180 = h+v flip, v-flip
+    "d8": tuple((k, flip) for k in range(4) for flip in (False, True)),
+}
 
 
 def _conv_bn_relu(c_in: int, c_out: int, kernel: int, dilation: int = 1) -> nn.Sequential:
@@ -102,6 +113,7 @@ class UNet(nn.Module):
         dropout: float = 0.0,
         dilated_bottleneck: bool = False,
         decoder: Literal["concat", "add"] = "concat",
+        tta: Literal["none", "flip", "d8"] = "none",
     ) -> None:
         super().__init__()
         if num_classes < 2 or channels < 1 or depth < 1:
@@ -112,6 +124,8 @@ class UNet(nn.Module):
             raise ValueError(f"upsample must be 'bilinear' or 'transpose', got {upsample!r}")
         if decoder not in ("concat", "add"):
             raise ValueError(f"decoder must be 'concat' or 'add', got {decoder!r}")
+        if tta not in TTA_VIEWS:
+            raise ValueError(f"tta must be one of {', '.join(TTA_VIEWS)}, got {tta!r}")
         self.kwargs = {
             "num_classes": num_classes,
             "channels": channels,
@@ -120,6 +134,7 @@ class UNet(nn.Module):
             "dropout": float(dropout),
             "dilated_bottleneck": bool(dilated_bottleneck),
             "decoder": decoder,
+            "tta": tta,
         }
         widths = [channels * 2**i for i in range(depth)]
         self.multiple = 2 ** (depth - 1)
@@ -141,6 +156,20 @@ class UNet(nn.Module):
         return self.kwargs["num_classes"]
 
     def forward(self, images: Tensor) -> Tensor:
+        """Logits of one view in train mode; in eval mode with ``tta``, log of the views' mean probabilities."""
+        views = TTA_VIEWS[self.kwargs["tta"]]
+        if self.training or len(views) == 1:
+            return self.logits(images)
+        probs = None
+        for turns, flip in views:
+            x = images.rot90(turns, (2, 3))
+            p = self.logits(x.flip(3) if flip else x).float().softmax(1)
+            p = (p.flip(3) if flip else p).rot90(-turns, (2, 3))
+            probs = p if probs is None else probs + p
+        return (probs / len(views)).clamp_min(torch.finfo(probs.dtype).tiny).log()
+
+    def logits(self, images: Tensor) -> Tensor:
+        """The network's logits for one view of ``images`` (no test-time augmentation)."""
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
         h, w = images.shape[-2:]

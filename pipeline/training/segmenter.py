@@ -107,7 +107,7 @@ def build_model(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(seed, _INIT_STREAM))
         model: nn.Module = UNet(
-            num_classes, s.channels, s.depth, s.upsample, s.dropout, s.dilated_bottleneck, s.decoder
+            num_classes, s.channels, s.depth, s.upsample, s.dropout, s.dilated_bottleneck, s.decoder, s.tta
         )
     if env.distributed and s.sync_bn:
         model = convert_sync_batchnorm(model, env.device)
@@ -177,7 +177,9 @@ def evaluate(
 
     With ``env``, each rank predicts its share (sample i on rank i % world_size) and the matrices are
     summed over ranks, so every mosaic counts exactly once. ``env=None``: this process alone predicts every
-    mosaic (no collective, even inside a process group) on the model's device, in fp32.
+    mosaic (no collective, even inside a process group) on the model's device, in fp32. Scores one view
+    (``UNet.logits``): the test-time views would cost ~6x for a ranking of epochs that one view gives too;
+    the evaluate stage scores the model as it serves.
     """
     net = plain_module(model)  # no DDP wrapper: ranks may get different numbers of batches
     was_training = net.training
@@ -190,7 +192,7 @@ def evaluate(
         for images, masks in eval_batches(shard_dir, "mosaics", split, batch_size, rank=rank, world_size=world):
             images = images.to(device).contiguous(memory_format=fmt)
             with env.autocast() if env is not None else contextlib.nullcontext():
-                logits = net(images)
+                logits = net.logits(images)
             matrix.update(logits.argmax(1), masks)
     finally:
         net.train(was_training)
