@@ -107,6 +107,7 @@ class GanConfig:
     diffaug: tuple[Literal["color", "translation", "cutout"], ...]
     r1_gamma: float = _non_negative()
     gp_lambda: float = _non_negative()
+    mode_seeking: float = _non_negative()
     log_every: int = _positive()
     checkpoint_every: int = _positive()
     eval_every: int = _positive()

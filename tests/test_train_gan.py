@@ -29,7 +29,7 @@ from pipeline.engine import EXIT_STOPPED
 from pipeline.models.features import TextureFeatureNet, save_feature_extractor
 from pipeline.models.gan import load_generator
 from pipeline.tracking import stage_params
-from pipeline.training.gan import SECTIONS, GanStep, build_models, train_gan
+from pipeline.training.gan import SECTIONS, GanStep, build_models, mode_seeking_loss, train_gan
 from tests.conftest import ROOT, write_params
 
 STAGE = ROOT / "stages" / "train_gan.py"
@@ -166,8 +166,9 @@ def _tiny_step(overrides: dict[str, Any], tmp_path: Path) -> tuple[GanStep, Any,
         {"gan.loss": "ls", "gan.diffaug": ["color", "translation", "cutout"]},
         {"gan.loss": "wgan-gp", "gan.n_critic": 2},
         {"gan.loss": "ns", "gan.r1_gamma": 1.0, "train.channels_last": False},
+        {"gan.loss": "hinge", "gan.mode_seeking": 1.0},
     ],
-    ids=["ns", "hinge-sn-projection", "ls-diffaug", "wgan-gp", "ns-r1"],
+    ids=["ns", "hinge-sn-projection", "ls-diffaug", "wgan-gp", "ns-r1", "hinge-mode-seeking"],
 )
 def test_every_loss_trains(overrides: dict[str, Any], tmp_path: Path) -> None:
     step, models, reals = _tiny_step(overrides, tmp_path)
@@ -180,6 +181,31 @@ def test_every_loss_trains(overrides: dict[str, Any], tmp_path: Path) -> None:
     for key in WEIGHTS:
         changed = [n for n, t in after[key].items() if t.is_floating_point() and not torch.equal(t, before[key][n])]
         assert changed, f"{key} did not change"
+
+
+def test_mode_seeking_loss_punishes_collapse() -> None:
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(8, 16, generator=gen)
+    varied = torch.rand(8, 3, 8, 8, generator=gen)
+    collapsed = varied.clone()
+    collapsed[1::2] = collapsed[0::2]  # each pair draws the same image from two latents
+    assert mode_seeking_loss(collapsed, z) == pytest.approx(1e5)
+    assert mode_seeking_loss(varied, z) < 10.0
+    closer = varied.clone()
+    closer[1::2] = 0.5 * (varied[0::2] + varied[1::2])  # half the distance within each pair
+    assert mode_seeking_loss(closer, z) == pytest.approx(2 * mode_seeking_loss(varied, z).item(), rel=1e-3)
+    # Pairs are rows (2j, 2j + 1): the loss of a batch is the mean of its halves' losses (ranks hold whole pairs).
+    halves = (mode_seeking_loss(varied[:4], z[:4]) + mode_seeking_loss(varied[4:], z[4:])) / 2
+    assert mode_seeking_loss(varied, z) == pytest.approx(halves.item())
+
+
+def test_mode_seeking_pairs_share_their_class(tmp_path: Path) -> None:
+    step, models, reals = _tiny_step({"gan.mode_seeking": 1.0}, tmp_path)
+    seen = []
+    models.g.register_forward_hook(lambda _m, args, _out: seen.append(args[1].clone()))
+    step(0, reals)
+    labels = seen[-1]
+    assert torch.equal(labels[0::2], labels[1::2]) and labels.unique().numel() > 1
 
 
 def test_generator_and_discriminator_updates_do_not_leak(tmp_path: Path) -> None:
@@ -241,6 +267,7 @@ def test_world_size_1_and_2_train_the_same_weights(tiny_shards: Path, extractor:
         "gan.n_critic": 2,
         "gan.r1_gamma": 0.5,
         "gan.diffaug": ["color", "translation", "cutout"],
+        "gan.mode_seeking": 1.0,  # pairs of rows must stay within a rank
     }
     results = {}
     for nproc in (1, 2):

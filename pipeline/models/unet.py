@@ -102,7 +102,10 @@ class _Up(nn.Module):
 
 
 class UNet(nn.Module):
-    """``forward(images (B, 3, H, W) in [0, 1]) -> logits (B, num_classes, H, W)``, any H and W."""
+    """``forward(images (B, 3, H, W) in [0, 1]) -> logits (B, num_classes, H, W)``, any H and W.
+
+    In eval mode with ``tta`` the logits are the log of the views' mean probabilities (argmax as usual).
+    """
 
     def __init__(
         self,

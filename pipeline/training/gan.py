@@ -80,6 +80,18 @@ def g_loss(kind: str, fake: Tensor) -> Tensor:
     raise ValueError(f"unknown GAN loss {kind!r}")
 
 
+def mode_seeking_loss(images: Tensor, z: Tensor, eps: float = 1e-5) -> Tensor:
+    """MSGAN (Mao et al. 2019) on the pairs of rows (0, 1), (2, 3), ...: mean of 1 / (image / latent distance).
+
+    Each pair shares its class, so a generator that maps different latents of a class to alike images
+    (mode collapse) pays for it. Mean absolute differences, as in the paper; a mean over pairs, so the
+    mean of per-rank values is the global batch's when ranks hold whole pairs.
+    """
+    x, z = images.float().flatten(1), z.float()
+    ratio = (x[0::2] - x[1::2]).abs().mean(1) / (z[0::2] - z[1::2]).abs().mean(1)
+    return (1.0 / (ratio + eps)).mean()
+
+
 def _input_gradient(logits: Tensor, inputs: Tensor) -> Tensor:
     (grad,) = torch.autograd.grad(logits.float().sum(), inputs, create_graph=True)
     return grad.flatten(1)
@@ -174,8 +186,10 @@ class GanStep:
 
         def draw_latents() -> tuple[Tensor, Tensor]:
             z = torch.randn(total, gan.z_dim, generator=gen)[offset : offset + rows]
-            y = torch.randint(0, self.num_classes, (total,), generator=gen)[offset : offset + rows]
-            return z.to(env.device), y.to(env.device)
+            y = torch.randint(0, self.num_classes, (total,), generator=gen)
+            if gan.mode_seeking > 0:
+                y[1::2] = y[0::2]  # mode-seeking pairs: rows (2j, 2j + 1) share their class
+            return z.to(env.device), y[offset : offset + rows].to(env.device)
 
         def augment(x: Tensor) -> Tensor:
             return diff_augment(x, gan.diffaug, gen, offset, total) if gan.diffaug else x
@@ -198,6 +212,8 @@ class GanStep:
         try:
             with env.autocast():
                 loss_g = g_loss(gan.loss, d_plain(augment(fake), y_fake).float())
+            if gan.mode_seeking > 0:
+                loss_g = loss_g + gan.mode_seeking * mode_seeking_loss(fake, z)
             m.opt_g.zero_grad(set_to_none=True)
             loss_g.backward()
             norm_g = torch.nn.utils.get_total_norm([p.grad for p in m.g.parameters() if p.grad is not None])
@@ -333,6 +349,11 @@ class _GanRun:
         gan = cfg.gan
         if gan.batch_size % env.world_size:
             raise UserError(f"gan.batch_size: {gan.batch_size} is not divisible by the world size {env.world_size}")
+        if gan.mode_seeking > 0 and (gan.batch_size // env.world_size) % 2:
+            raise UserError(
+                f"gan.mode_seeking: needs an even batch per rank (pairs of rows), got gan.batch_size "
+                f"{gan.batch_size} over {env.world_size} ranks"
+            )
         manifest = load_manifest(shard_dir)
         self.cfg, self.env, self.shard_dir = cfg, env, shard_dir
         self.classes = list(manifest["classes"])
