@@ -93,7 +93,7 @@ class GanConfig:
     z_dim: int = _positive()
     channels: int = _check(lambda v: v > 0 and v % 8 == 0, "a positive multiple of 8")
     loss: Literal["ns", "hinge", "ls", "wgan-gp"]
-    conditioning: Literal["concat", "projection"]
+    conditioning: Literal["concat", "projection", "ac"]
     spectral_norm: bool
     lr_g: float = _positive()
     lr_d: float = _positive()

@@ -30,9 +30,8 @@ def test_dvc_repro_end_to_end(tmp_path: Path) -> None:
         shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "dvc.yaml", repo)
     shutil.copy(ROOT / ".gitignore", repo)
-    write_params(
-        repo, {"register.gan.max_fid_ratio": 1e9, "register.gan.min_diversity": 0.0, "register.segmenter.min_miou": 0.0}
-    )
+    gates = {"register.gan.max_fid_ratio": 1e9, "register.gan.min_diversity": 0.0, "register.gan.min_recall": 0.0}
+    write_params(repo, gates | {"register.segmenter.min_miou": 0.0})
     bin_dir = str(Path(sys.executable).parent)
     env = os.environ | {
         "PATH": f"{bin_dir}:{os.environ['PATH']}",

@@ -43,7 +43,7 @@ def test_layout_rejects_unusable_sizes(size: int) -> None:
 
 
 @pytest.mark.parametrize("size", [16, 32, 64])
-@pytest.mark.parametrize(("conditioning", "sn"), [("concat", False), ("projection", True)])
+@pytest.mark.parametrize(("conditioning", "sn"), [("concat", False), ("projection", True), ("ac", True)])
 def test_generator_and_discriminator_shapes(size: int, conditioning: str, sn: bool) -> None:
     torch.manual_seed(0)
     g = Generator(num_classes=3, z_dim=8, channels=8, image_size=size)
@@ -64,6 +64,22 @@ def test_discriminator_depends_on_the_class(conditioning: str) -> None:
     d = Discriminator(4, 8, 16, conditioning=conditioning).eval()
     x = torch.rand(2, 3, 16, 16) * 2 - 1
     assert not torch.allclose(d(x, torch.tensor([0, 0])), d(x, torch.tensor([3, 3])))
+
+
+def test_auxiliary_classifier_discriminator() -> None:
+    """``ac``: the real/fake logit ignores the label (no shortcut for the class head either); class logits on demand."""
+    torch.manual_seed(0)
+    d = Discriminator(4, 8, 16, conditioning="ac").eval()
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    logits, classes = d(x, torch.tensor([0, 0]), with_classes=True)
+    assert logits.shape == (2,) and classes.shape == (2, 4)
+    other_logits, other_classes = d(x, torch.tensor([3, 3]), with_classes=True)
+    assert torch.equal(logits, other_logits) and torch.equal(classes, other_classes)
+    assert torch.equal(d(x, torch.tensor([1, 2])), logits)
+    with pytest.raises(ValueError, match="conditioning='ac'"):
+        Discriminator(4, 8, 16)(x, torch.tensor([0, 0]), with_classes=True)
+    with pytest.raises(ValueError, match="conditioning must be one of concat, projection, ac"):
+        Discriminator(4, 8, 16, conditioning="acgan")  # type: ignore[arg-type]
 
 
 def test_discriminator_accepts_channels_last() -> None:

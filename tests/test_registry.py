@@ -74,10 +74,10 @@ def champion_version(name: str) -> str:
 
 def test_gate_thresholds(tiny_cfg: config.Config, tmp_path: Path) -> None:
     gate = tiny_cfg.register.gan
-    assert (gate.max_fid_ratio, gate.min_recall, gate.min_diversity) == (0.75, 0.0, 0.5)
+    assert (gate.max_fid_ratio, gate.min_recall, gate.min_diversity) == (0.75, 0.05, 0.5)
     assert registry.gate(tiny_cfg, "gan", gan_metrics(30.0, 0.2)) == (
         True,
-        "fid_ratio 0.1 <= max_fid_ratio 0.75, recall 0.2 >= min_recall 0, diversity 0.9 >= min_diversity 0.5",
+        "fid_ratio 0.1 <= max_fid_ratio 0.75, recall 0.2 >= min_recall 0.05, diversity 0.9 >= min_diversity 0.5",
     )
     collapsed = gan_metrics(40.0, 0.0) | {"diversity": 0.01}  # one output per class: fine FID, no variety
     ok, reason = registry.gate(tiny_cfg, "gan", collapsed)

@@ -161,14 +161,15 @@ def _tiny_step(overrides: dict[str, Any], tmp_path: Path) -> tuple[GanStep, Any,
 @pytest.mark.parametrize(
     "overrides",
     [
-        {"gan.loss": "ns"},
+        {"gan.loss": "ns", "gan.conditioning": "concat", "gan.mode_seeking": 0.0},
         {"gan.loss": "hinge", "gan.spectral_norm": True, "gan.conditioning": "projection"},
         {"gan.loss": "ls", "gan.diffaug": ["color", "translation", "cutout"]},
         {"gan.loss": "wgan-gp", "gan.n_critic": 2},
         {"gan.loss": "ns", "gan.r1_gamma": 1.0, "train.channels_last": False},
         {"gan.loss": "hinge", "gan.mode_seeking": 1.0},
+        {"gan.loss": "ns", "gan.conditioning": "ac", "gan.spectral_norm": True, "gan.n_critic": 2},
     ],
-    ids=["ns", "hinge-sn-projection", "ls-diffaug", "wgan-gp", "ns-r1", "hinge-mode-seeking"],
+    ids=["ns-concat", "hinge-sn-projection", "ls-diffaug", "wgan-gp", "ns-r1", "hinge-mode-seeking", "ns-ac-sn"],
 )
 def test_every_loss_trains(overrides: dict[str, Any], tmp_path: Path) -> None:
     step, models, reals = _tiny_step(overrides, tmp_path)
@@ -268,6 +269,7 @@ def test_world_size_1_and_2_train_the_same_weights(tiny_shards: Path, extractor:
         "gan.r1_gamma": 0.5,
         "gan.diffaug": ["color", "translation", "cutout"],
         "gan.mode_seeking": 1.0,  # pairs of rows must stay within a rank
+        "gan.conditioning": "ac",  # the class head's loss is part of D's and G's updates
     }
     results = {}
     for nproc in (1, 2):

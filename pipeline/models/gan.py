@@ -4,8 +4,10 @@
   (``side`` = 4 for 16/32/64-px patches), then one stride-2 transposed conv block per doubling, BatchNorm +
   ReLU, ``tanh`` output in [-1, 1].
 - :class:`Discriminator`: the mirror image with LeakyReLU(0.2). The class enters either as one-hot maps
-  concatenated to the image (``"concat"``, the recipe measured best here) or through a projection
-  (Miyato & Koyama 2018: ``<embed(y), sum-pooled features>`` added to the logit). Optional spectral norm
+  concatenated to the image (``"concat"``), through a projection (Miyato & Koyama 2018:
+  ``<embed(y), sum-pooled features>`` added to the logit), or not at all (``"ac"``, AC-GAN, Odena et al.
+  2017: an unconditional real/fake logit plus a class head on the same features, which the trainer
+  fits to the real labels and the generator must satisfy). Optional spectral norm
   (Miyato et al. 2018) on every layer and optional BatchNorm (the trainer drops it with spectral norm or a
   gradient penalty, as SN-GAN, WGAN-GP and R1 do).
 - :class:`EMA` of the generator's weights (the model that is evaluated and shipped), :func:`diff_augment`
@@ -28,7 +30,8 @@ from torch.nn.utils.parametrizations import spectral_norm as _spectral_norm
 
 from pipeline import checkpoint
 
-Conditioning = Literal["concat", "projection"]
+Conditioning = Literal["concat", "projection", "ac"]
+CONDITIONINGS = ("concat", "projection", "ac")
 AUGMENTATIONS = ("color", "translation", "cutout")
 MIN_SIDE = 4  # the smallest feature map: 16/32/64-px patches start (G) and end (D) at 4 x 4
 LEAK = 0.2
@@ -89,7 +92,10 @@ class Generator(nn.Module):
 
 
 class Discriminator(nn.Module):
-    """``forward(images (B, 3, S, S) in [-1, 1], labels (B,)) -> logits (B,)``."""
+    """``forward(images (B, 3, S, S) in [-1, 1], labels (B,)) -> logits (B,)``.
+
+    With ``conditioning="ac"``, ``forward(..., with_classes=True)`` also returns class logits (B, num_classes).
+    """
 
     def __init__(
         self,
@@ -101,8 +107,8 @@ class Discriminator(nn.Module):
         batch_norm: bool = True,
     ) -> None:
         super().__init__()
-        if conditioning not in ("concat", "projection"):
-            raise ValueError(f"conditioning must be 'concat' or 'projection', got {conditioning!r}")
+        if conditioning not in CONDITIONINGS:
+            raise ValueError(f"conditioning must be one of {', '.join(CONDITIONINGS)}, got {conditioning!r}")
         self.num_classes, self.conditioning = num_classes, conditioning
         side, blocks = layout(image_size)
         sn = _spectral_norm if spectral_norm else (lambda m: m)
@@ -118,10 +124,13 @@ class Discriminator(nn.Module):
         self.features = nn.Sequential(*layers)
         self.head = sn(nn.Conv2d(width, 1, side, 1, 0))
         self.embed = sn(nn.Embedding(num_classes, width)) if conditioning == "projection" else None
+        self.classifier = sn(nn.Linear(width, num_classes)) if conditioning == "ac" else None
         _init_dcgan(self)
 
-    def forward(self, images: Tensor, labels: Tensor) -> Tensor:
-        if self.embed is None:
+    def forward(self, images: Tensor, labels: Tensor, with_classes: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        if with_classes and self.classifier is None:
+            raise ValueError("class logits need conditioning='ac'")
+        if self.conditioning == "concat":
             onehot = F.one_hot(labels, self.num_classes).to(images.dtype)
             maps = onehot[:, :, None, None].expand(-1, -1, *images.shape[-2:])
             images = torch.cat([images, maps.contiguous(memory_format=_memory_format(images))], 1)
@@ -129,6 +138,8 @@ class Discriminator(nn.Module):
         logits = self.head(h).flatten()
         if self.embed is not None:
             logits = logits + (self.embed(labels) * h.sum((2, 3))).sum(1)
+        if with_classes:
+            return logits, self.classifier(h.mean((2, 3)))
         return logits
 
 

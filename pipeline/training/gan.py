@@ -211,7 +211,11 @@ class GanStep:
         _set_requires_grad(d_plain, False)
         try:
             with env.autocast():
-                loss_g = g_loss(gan.loss, d_plain(augment(fake), y_fake).float())
+                if gan.conditioning == "ac":
+                    logits, classes = d_plain(augment(fake), y_fake, with_classes=True)
+                    loss_g = g_loss(gan.loss, logits.float()) + F.cross_entropy(classes.float(), y_fake)
+                else:
+                    loss_g = g_loss(gan.loss, d_plain(augment(fake), y_fake).float())
             if gan.mode_seeking > 0:
                 loss_g = loss_g + gan.mode_seeking * mode_seeking_loss(fake, z)
             m.opt_g.zero_grad(set_to_none=True)
@@ -237,9 +241,16 @@ class GanStep:
         if gan.r1_gamma > 0:
             real = real.detach().requires_grad_(True)
         with env.autocast():
-            logits_real = m.d(real, labels).float()
+            if gan.conditioning == "ac":  # the class head learns the real labels only (G's images are its test)
+                logits_real, classes_real = m.d(real, labels, with_classes=True)
+                class_loss = F.cross_entropy(classes_real.float(), labels)
+            else:
+                logits_real, class_loss = m.d(real, labels), None
+            logits_real = logits_real.float()
             logits_fake = m.d(fake, y_fake).float()
         loss = d_loss(gan.loss, logits_real, logits_fake, gan.label_smoothing)
+        if class_loss is not None:
+            loss = loss + class_loss
         if gan.loss == "wgan-gp":
             alpha = uniform().view(-1, 1, 1, 1)
             mixed = (alpha * real.detach() + (1 - alpha) * fake).requires_grad_(True)
