@@ -276,12 +276,14 @@ def test_abandoned_loader_stops_its_workers(tiny_shards: Path) -> None:
     mid-epoch still stops them: nothing is left for the interpreter to wait on at exit."""
     import multiprocessing
 
+    earlier = {w.pid for w in multiprocessing.active_children()}  # other tests' children are not this loader's
     batches = iter(
         train_batches(tiny_shards, "patches", "train", 4, 50, rank=0, world_size=1, num_workers=2, seed=0, epoch=0)
     )
     next(batches)
-    workers = list(multiprocessing.active_children())
-    assert len(workers) >= 2 and all(os.getpgid(w.pid) == w.pid for w in workers)  # each leads its own group
+    workers = [w for w in multiprocessing.active_children() if w.pid not in earlier]
+    assert len(workers) == 2, workers
+    assert all(os.getpgid(w.pid) == w.pid for w in workers), workers  # each leads its own group
     del batches
     for w in workers:
         w.join(timeout=30)
