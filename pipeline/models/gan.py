@@ -20,7 +20,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -31,7 +31,7 @@ from torch.nn.utils.parametrizations import spectral_norm as _spectral_norm
 from pipeline import checkpoint
 
 Conditioning = Literal["concat", "projection", "ac"]
-CONDITIONINGS = ("concat", "projection", "ac")
+CONDITIONINGS: tuple[str, ...] = get_args(Conditioning)
 AUGMENTATIONS = ("color", "translation", "cutout")
 MIN_SIDE = 4  # the smallest feature map: 16/32/64-px patches start (G) and end (D) at 4 x 4
 LEAK = 0.2

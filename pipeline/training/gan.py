@@ -211,11 +211,10 @@ class GanStep:
         _set_requires_grad(d_plain, False)
         try:
             with env.autocast():
-                if gan.conditioning == "ac":
-                    logits, classes = d_plain(augment(fake), y_fake, with_classes=True)
-                    loss_g = g_loss(gan.loss, logits.float()) + F.cross_entropy(classes.float(), y_fake)
-                else:
-                    loss_g = g_loss(gan.loss, d_plain(augment(fake), y_fake).float())
+                logits, class_loss = self._judge(d_plain, augment(fake), y_fake)
+                loss_g = g_loss(gan.loss, logits)
+            if class_loss is not None:  # G's images must carry their class for D's class head
+                loss_g = loss_g + class_loss
             if gan.mode_seeking > 0:
                 loss_g = loss_g + gan.mode_seeking * mode_seeking_loss(fake, z)
             m.opt_g.zero_grad(set_to_none=True)
@@ -234,6 +233,13 @@ class GanStep:
             "grad_norm_g": norm_g.detach(),
         }
 
+    def _judge(self, d: nn.Module, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor | None]:
+        """D's real/fake logits (float) and, with ``ac`` conditioning, its class head's cross-entropy on ``labels``."""
+        if self.gan.conditioning != "ac":
+            return d(images, labels).float(), None
+        logits, classes = d(images, labels, with_classes=True)
+        return logits.float(), F.cross_entropy(classes.float(), labels)
+
     def _d_update(
         self, real: Tensor, labels: Tensor, fake: Tensor, y_fake: Tensor, uniform: Callable[[], Tensor]
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -241,12 +247,8 @@ class GanStep:
         if gan.r1_gamma > 0:
             real = real.detach().requires_grad_(True)
         with env.autocast():
-            if gan.conditioning == "ac":  # the class head learns the real labels only (G's images are its test)
-                logits_real, classes_real = m.d(real, labels, with_classes=True)
-                class_loss = F.cross_entropy(classes_real.float(), labels)
-            else:
-                logits_real, class_loss = m.d(real, labels), None
-            logits_real = logits_real.float()
+            # The class head learns the real labels only (G's images are its test).
+            logits_real, class_loss = self._judge(m.d, real, labels)
             logits_fake = m.d(fake, y_fake).float()
         loss = d_loss(gan.loss, logits_real, logits_fake, gan.label_smoothing)
         if class_loss is not None:
