@@ -108,6 +108,7 @@ class GanConfig:
     r1_gamma: float = _non_negative()
     gp_lambda: float = _non_negative()
     mode_seeking: float = _non_negative()
+    sync_bn: bool
     log_every: int = _positive()
     checkpoint_every: int = _positive()
     eval_every: int = _positive()
