@@ -405,8 +405,10 @@ class _GanRun:
                 average_buffers(module)
 
     def run_eval(self, step: int) -> dict[str, float]:
-        """Val metrics of the EMA generator; a new best is kept (and written by rank 0). All ranks call it."""
-        self.settle()
+        """Val metrics of the EMA generator; a new best is kept (and written by rank 0).
+
+        All ranks call it, after :meth:`settle` (at step 0 the ranks' fresh models agree already).
+        """
         ema = self.models.ema
         result = self.evaluate(ema.module)
         if self.best is None or result["val_fid"] < self.best["val_fid"]:
@@ -451,16 +453,18 @@ class _GanRun:
                 row: dict[str, float] = {}
                 if step % gan.log_every == 0 or step == gan.steps:
                     row |= window.flush() | {"samples_per_s": throughput.rate()}
+                evaluating = step % gan.eval_every == 0 or step == gan.steps
+                sampling = step % gan.sample_every == 0
                 saving = step % gan.checkpoint_every == 0 or step == gan.steps
-                if saving or step % gan.sample_every == 0:
+                if evaluating or sampling or saving:
                     self.settle()
-                if step % gan.eval_every == 0 or step == gan.steps:
+                if evaluating:
                     row |= self.run_eval(step)
                 if row:
                     self.history.append(step, row)
                     session.logger.log_metrics(row, step)
                     bar.set_postfix({k: f"{row[k]:.3g}" for k in ("loss_d", "loss_g", "best_val_fid") if k in row})
-                if env.is_main and step % gan.sample_every == 0:
+                if env.is_main and sampling:
                     grid = sample_grid(self.models.ema.module, GRID_COLUMNS, self.grid_seed, env.device)
                     session.logger.log_image(grid, f"samples/step_{step:06d}.png")
                 if saving:
