@@ -92,6 +92,7 @@ class TrainConfig:
 class GanConfig:
     z_dim: int = _positive()
     channels: int = _check(lambda v: v > 0 and v % 8 == 0, "a positive multiple of 8")
+    fourier: int = _check(lambda v: v >= 0, "a whole number >= 0")
     loss: Literal["ns", "hinge", "ls", "wgan-gp"]
     conditioning: Literal["concat", "projection", "ac"]
     spectral_norm: bool

@@ -28,6 +28,7 @@ def test_repo_params_load() -> None:
         ({"gan.steps": "10"}, "params.yaml: gan.steps: expected int, got '10'"),
         ({"gan.steps": True}, "params.yaml: gan.steps: expected int, got True"),
         ({"gan.lr_g": -1.0}, "params.yaml: gan.lr_g: expected a positive number, got -1.0"),
+        ({"gan.fourier": -2}, "params.yaml: gan.fourier: expected a whole number >= 0, got -2"),
         ({"train.nproc_per_node": "many"}, "params.yaml: train.nproc_per_node: expected int or one of 'auto'"),
         ({"train.nproc_per_node": 0}, "params.yaml: train.nproc_per_node: expected 'auto' or a positive integer"),
         ({"gan.diffaug": ["color", "zoom"]}, "params.yaml: gan.diffaug[1]: expected one of"),

@@ -12,6 +12,7 @@ from pipeline import checkpoint
 from pipeline.models.gan import (
     EMA,
     Discriminator,
+    FourierHead,
     Generator,
     diff_augment,
     generate_images,
@@ -43,10 +44,12 @@ def test_layout_rejects_unusable_sizes(size: int) -> None:
 
 
 @pytest.mark.parametrize("size", [16, 32, 64])
-@pytest.mark.parametrize(("conditioning", "sn"), [("concat", False), ("projection", True), ("ac", True)])
-def test_generator_and_discriminator_shapes(size: int, conditioning: str, sn: bool) -> None:
+@pytest.mark.parametrize(
+    ("conditioning", "sn", "fourier"), [("concat", False, 0), ("projection", True, 0), ("ac", True, 6)]
+)
+def test_generator_and_discriminator_shapes(size: int, conditioning: str, sn: bool, fourier: int) -> None:
     torch.manual_seed(0)
-    g = Generator(num_classes=3, z_dim=8, channels=8, image_size=size)
+    g = Generator(num_classes=3, z_dim=8, channels=8, image_size=size, fourier=fourier)
     d = Discriminator(3, 8, size, conditioning=conditioning, spectral_norm=sn, batch_norm=not sn)
     labels = torch.tensor([0, 1, 2, 1])
     images = g(torch.randn(4, 8), labels)
@@ -90,6 +93,41 @@ def test_discriminator_accepts_channels_last() -> None:
     expected = d(x, y)
     d_cl = d.to(memory_format=torch.channels_last)
     assert torch.allclose(d_cl(x.contiguous(memory_format=torch.channels_last), y), expected, atol=1e-5)
+
+
+def test_fourier_head_draws_the_sinusoids_its_mlp_asks_for_bent_by_the_warp() -> None:
+    head = FourierHead(cond_dim=4, count=2, size=16)
+    freq = torch.tensor([[0.1, 0.0], [0.05, -0.2]])  # cycles per pixel: vertical stripes, then a slanted wave
+    phase, amplitude = torch.tensor([0.0, 0.5]), torch.tensor([[1.0, 0.0, -1.0], [0.0, 2.0, 0.0]])
+    with torch.no_grad():
+        last = head.mlp[-1]
+        last.weight.zero_()
+        # Per sinusoid the MLP gives (frequency offset from the base, phase / pi, RGB amplitude).
+        last.bias.copy_(torch.cat([freq - head.base, phase[:, None], amplitude], 1).flatten())
+        warp = torch.zeros(3, 1, 16, 16)
+        warp[1] = torch.rand(1, 16, 16, generator=torch.Generator().manual_seed(0))
+        out = head(torch.randn(3, 4), warp)
+    x = torch.arange(16.0) - 7.5
+    xx, yy = x[None, :].expand(16, 16), x[:, None].expand(16, 16)
+    for i in range(3):
+        waves = [
+            torch.sin(2 * torch.pi * (f[0] * xx + f[1] * yy) + torch.pi * (p + warp[i, 0]))
+            for f, p in zip(freq, phase, strict=True)
+        ]
+        expected = torch.einsum("kc,khw->chw", amplitude, torch.stack(waves))
+        assert torch.allclose(out[i], expected, atol=1e-5)
+    assert out.shape == (3, 3, 16, 16) and out.dtype == torch.float32
+    assert torch.allclose(out[0, 0, 0], out[0, 0, 5], atol=1e-5)  # unwarped, the first wave is straight stripes
+    assert out[0, 0, 0].std() > 0.5
+    assert not torch.allclose(out[1, 0, 0], out[1, 0, 5], atol=1e-2)  # the warp bends them
+
+
+def test_fourier_base_frequencies_span_angles_and_periods() -> None:
+    base = FourierHead(cond_dim=4, count=16, size=32).base
+    period = 1 / base.norm(dim=1)
+    angle = torch.atan2(base[:, 1], base[:, 0])
+    assert period.max() > 16 and period.min() == pytest.approx(4 * (32 / 4) ** (1 / 32), rel=1e-4)
+    assert angle.min() >= 0 and angle.max() < torch.pi and angle.sort().values.diff().max() < torch.pi / 4
 
 
 def test_ema_averages_parameters_and_copies_buffers() -> None:
@@ -167,15 +205,17 @@ def test_sample_grid_has_one_row_per_class() -> None:
     assert grid.shape == (3 * 18 + 2, 4 * 18 + 2, 3) and grid.dtype.name == "uint8"
 
 
-def test_save_and_load_generator_round_trip(tmp_path: Path) -> None:
+@pytest.mark.parametrize("fourier", [0, 4])
+def test_save_and_load_generator_round_trip(fourier: int, tmp_path: Path) -> None:
     torch.manual_seed(0)
-    g = Generator(3, 8, 8, 32).to(memory_format=torch.channels_last)
+    g = Generator(3, 8, 8, 32, fourier=fourier).to(memory_format=torch.channels_last)
     g.train()(torch.randn(4, 8), torch.tensor([0, 1, 2, 0]))  # non-default BatchNorm statistics
     meta = {"classes": ["a", "b", "c"], "step": 7, "val_fid": 12.5, "run_id": "abc"}
     path = tmp_path / "generator.pt"
     save_generator(path, g, meta)
     raw = checkpoint.load(path)  # weights_only
     assert set(raw) == {"kwargs", "state_dict", "meta"}
+    assert raw["kwargs"].get("fourier", 0) == fourier  # files without the key (older models) load as fourier=0
     loaded, loaded_meta = load_generator(path)
     assert loaded_meta == meta and not loaded.training
     labels = torch.tensor([0, 1, 2])

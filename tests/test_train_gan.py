@@ -168,8 +168,18 @@ def _tiny_step(overrides: dict[str, Any], tmp_path: Path) -> tuple[GanStep, Any,
         {"gan.loss": "ns", "gan.r1_gamma": 1.0, "train.channels_last": False},
         {"gan.loss": "hinge", "gan.mode_seeking": 1.0},
         {"gan.loss": "ns", "gan.conditioning": "ac", "gan.spectral_norm": True, "gan.n_critic": 2},
+        {"gan.loss": "ns", "gan.conditioning": "ac", "gan.fourier": 4},
     ],
-    ids=["ns-concat", "hinge-sn-projection", "ls-diffaug", "wgan-gp", "ns-r1", "hinge-mode-seeking", "ns-ac-sn"],
+    ids=[
+        "ns-concat",
+        "hinge-sn-projection",
+        "ls-diffaug",
+        "wgan-gp",
+        "ns-r1",
+        "hinge-mode-seeking",
+        "ns-ac-sn",
+        "ns-ac-fourier",
+    ],
 )
 def test_every_loss_trains(overrides: dict[str, Any], tmp_path: Path) -> None:
     step, models, reals = _tiny_step(overrides, tmp_path)

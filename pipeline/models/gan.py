@@ -2,7 +2,8 @@
 
 - :class:`Generator`: ``z`` and a one-hot class go through a transposed conv to a ``side x side`` map
   (``side`` = 4 for 16/32/64-px patches), then one stride-2 transposed conv block per doubling, BatchNorm +
-  ReLU, ``tanh`` output in [-1, 1].
+  ReLU, ``tanh`` output in [-1, 1]. Optionally (``fourier > 0``) a :class:`FourierHead` adds per-sample
+  sinusoids, bent by a phase map from the last conv, before the ``tanh``.
 - :class:`Discriminator`: the mirror image with LeakyReLU(0.2). The class enters either as one-hot maps
   concatenated to the image (``"concat"``), through a projection (Miyato & Koyama 2018:
   ``<embed(y), sum-pooled features>`` added to the logit), or not at all (``"ac"``, AC-GAN, Odena et al.
@@ -18,6 +19,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -64,12 +66,55 @@ def _init_dcgan(module: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-class Generator(nn.Module):
-    """``forward(z (B, z_dim), labels (B,)) -> images (B, 3, S, S)`` in [-1, 1]."""
+class FourierHead(nn.Module):
+    """``count`` sinusoids ``A sin(2 pi f . p + phi + pi w(p))`` over the pixel grid ``p``, summed into 3 channels.
 
-    def __init__(self, num_classes: int, z_dim: int, channels: int, image_size: int) -> None:
+    Each sample's frequencies ``f`` (cycles per pixel), phases ``phi`` and RGB amplitudes ``A`` come from its
+    latent and class through a small MLP, around fixed base frequencies spread over every angle and over
+    periods from the image side down to 4 pixels (as the Fourier features of CIPS / StyleGAN3); ``w`` is a
+    per-pixel phase map (the generator's last conv draws it) that bends the waves into grain and wavy bands.
+    The generator adds the sum to its convolutional output before ``tanh``: an evenly spaced two-colour
+    pattern at any angle (stripes; checks and dot lattices from two) is then a handful of numbers, where
+    transposed convolutions from a 4 x 4 map must assemble it from local pieces.
+    """
+
+    def __init__(self, cond_dim: int, count: int, size: int, hidden: int = 128) -> None:
+        super().__init__()
+        self.count = count
+        self.mlp = nn.Sequential(nn.Linear(cond_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, 6 * count))
+        k = torch.arange(count, dtype=torch.float64)
+        angle = math.pi * ((k * (math.sqrt(5) - 1) / 2) % 1.0)  # golden-ratio spread over [0, pi)
+        period = size * (4.0 / size) ** ((k + 0.5) / count)  # log-spaced from ~size to ~4 pixels
+        base = torch.stack([torch.cos(angle), torch.sin(angle)], 1) / period[:, None]
+        self.register_buffer("base", base.float(), persistent=False)
+        grid = torch.arange(size, dtype=torch.float32) - (size - 1) / 2
+        xy = torch.stack(torch.meshgrid(grid, grid, indexing="xy")).flatten(1)
+        self.register_buffer("grid", xy, persistent=False)  # (2, size * size) pixel coordinates from the centre
+
+    def forward(self, cond: Tensor, warp: Tensor) -> Tensor:
+        """``cond (B, cond_dim)``, ``warp (B, 1, size, size)`` (a phase shift per pixel, in half turns) ->
+        ``(B, 3, size, size)`` in float32 (the sines' arguments reach tens of radians: beyond bf16)."""
+        b, _, h, w = warp.shape
+        out = self.mlp(cond).float().view(b, self.count, 6)
+        with torch.autocast(warp.device.type, enabled=False):
+            freq = (self.base + out[..., :2]) * (2 * math.pi)  # radians per pixel
+            shift = math.pi * out[..., 2:3] + math.pi * warp.float().reshape(b, 1, h * w)
+            waves = torch.sin(torch.baddbmm(shift, freq, self.grid.expand(b, -1, -1)))  # (B, count, h * w)
+            return torch.bmm(out[..., 3:].transpose(1, 2), waves).view(b, 3, h, w)
+
+
+class Generator(nn.Module):
+    """``forward(z (B, z_dim), labels (B,)) -> images (B, 3, S, S)`` in [-1, 1].
+
+    With ``fourier > 0`` the last transposed conv draws a fourth map, the phase warp of a :class:`FourierHead`
+    of that many sinusoids, which is added to the three colour maps before ``tanh``.
+    """
+
+    def __init__(self, num_classes: int, z_dim: int, channels: int, image_size: int, fourier: int = 0) -> None:
         super().__init__()
         self.kwargs = {"num_classes": num_classes, "z_dim": z_dim, "channels": channels, "image_size": image_size}
+        if fourier:
+            self.kwargs["fourier"] = fourier
         self.num_classes, self.z_dim, self.image_size = num_classes, z_dim, image_size
         side, blocks = layout(image_size)
         width = channels * 2 ** (blocks - 1)
@@ -82,13 +127,18 @@ class Generator(nn.Module):
             layers += [nn.ConvTranspose2d(width, width // 2, 4, 2, 1, bias=False), nn.BatchNorm2d(width // 2)]
             layers.append(nn.ReLU(inplace=True))
             width //= 2
-        layers += [nn.ConvTranspose2d(width, 3, 4, 2, 1), nn.Tanh()]
+        layers.append(nn.ConvTranspose2d(width, 3 + (1 if fourier else 0), 4, 2, 1))
         self.net = nn.Sequential(*layers)
+        self.fourier = FourierHead(z_dim + num_classes, fourier, image_size) if fourier else None
         _init_dcgan(self)
 
     def forward(self, z: Tensor, labels: Tensor) -> Tensor:
-        onehot = F.one_hot(labels, self.num_classes).to(z.dtype)
-        return self.net(torch.cat([z, onehot], 1)[:, :, None, None])
+        cond = torch.cat([z, F.one_hot(labels, self.num_classes).to(z.dtype)], 1)
+        x = self.net(cond[:, :, None, None])
+        if self.fourier is not None:
+            x, warp = x[:, :3], x[:, 3:].float()
+            x = x + self.fourier(cond, warp).to(x.dtype)
+        return torch.tanh(x)
 
 
 class Discriminator(nn.Module):
