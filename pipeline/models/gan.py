@@ -136,7 +136,7 @@ class Generator(nn.Module):
         cond = torch.cat([z, F.one_hot(labels, self.num_classes).to(z.dtype)], 1)
         x = self.net(cond[:, :, None, None])
         if self.fourier is not None:
-            x, warp = x[:, :3], x[:, 3:].float()
+            x, warp = x[:, :3], x[:, 3:]
             x = x + self.fourier(cond, warp).to(x.dtype)
         return torch.tanh(x)
 
