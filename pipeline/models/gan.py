@@ -249,6 +249,7 @@ def _color(x: Tensor, r: _Draws) -> Tensor:
 
 
 def _index_grid(*sizes: int, device: torch.device) -> tuple[Tensor, ...]:
+    """Index tensors of a ``sizes`` grid (``meshgrid`` of aranges, "ij" order)."""
     return torch.meshgrid(*(torch.arange(n, device=device) for n in sizes), indexing="ij")
 
 
@@ -256,12 +257,7 @@ def _translation(x: Tensor, r: _Draws, ratio: float = 0.125) -> Tensor:
     b, _, h, w = x.shape
     sh, sw = int(h * ratio + 0.5), int(w * ratio + 0.5)
     dy, dx = r.integers(-sh, sh + 1).view(-1, 1, 1), r.integers(-sw, sw + 1).view(-1, 1, 1)
-    gb, gy, gx = torch.meshgrid(
-        torch.arange(b, device=x.device),
-        torch.arange(h, device=x.device),
-        torch.arange(w, device=x.device),
-        indexing="ij",
-    )
+    gb, gy, gx = _index_grid(b, h, w, device=x.device)
     gy = (gy + dy + 1).clamp(0, h + 1)
     gx = (gx + dx + 1).clamp(0, w + 1)
     padded = F.pad(x, [1, 1, 1, 1]).permute(0, 2, 3, 1)  # zero border = mid-grey in [-1, 1]
@@ -272,12 +268,7 @@ def _cutout(x: Tensor, r: _Draws, ratio: float = 0.5) -> Tensor:
     b, _, h, w = x.shape
     ch, cw = int(h * ratio + 0.5), int(w * ratio + 0.5)
     oy, ox = r.integers(0, h + (1 - ch % 2)).view(-1, 1, 1), r.integers(0, w + (1 - cw % 2)).view(-1, 1, 1)
-    gb, gy, gx = torch.meshgrid(
-        torch.arange(b, device=x.device),
-        torch.arange(ch, device=x.device),
-        torch.arange(cw, device=x.device),
-        indexing="ij",
-    )
+    gb, gy, gx = _index_grid(b, ch, cw, device=x.device)
     gy = (gy + oy - ch // 2).clamp(0, h - 1)
     gx = (gx + ox - cw // 2).clamp(0, w - 1)
     mask = torch.ones(b, h, w, dtype=x.dtype, device=x.device)
