@@ -120,6 +120,12 @@ def test_fourier_head_draws_the_sinusoids_its_mlp_asks_for_bent_by_the_warp() ->
     assert torch.allclose(out[0, 0, 0], out[0, 0, 5], atol=1e-5)  # unwarped, the first wave is straight stripes
     assert out[0, 0, 0].std() > 0.5
     assert not torch.allclose(out[1, 0, 0], out[1, 0, 5], atol=1e-2)  # the warp bends them
+    cond = torch.randn(3, 4)
+    with torch.no_grad():
+        head.mlp[-1].weight.normal_()  # frequencies that depend on the input, through the MLP
+        exact = head(cond, warp)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.equal(head(cond, warp), exact)  # all fp32 under autocast, the MLP too
 
 
 def test_fourier_base_frequencies_span_angles_and_periods() -> None:

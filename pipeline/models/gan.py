@@ -93,10 +93,11 @@ class FourierHead(nn.Module):
 
     def forward(self, cond: Tensor, warp: Tensor) -> Tensor:
         """``cond (B, cond_dim)``, ``warp (B, 1, size, size)`` (a phase shift per pixel, in half turns) ->
-        ``(B, 3, size, size)`` in float32 (the sines' arguments reach tens of radians: beyond bf16)."""
+        ``(B, 3, size, size)`` in float32, computed without autocast (the sines' arguments reach tens of
+        radians: beyond bf16)."""
         b, _, h, w = warp.shape
-        out = self.mlp(cond).float().view(b, self.count, 6)
         with torch.autocast(warp.device.type, enabled=False):
+            out = self.mlp(cond.float()).view(b, self.count, 6)  # fp32: bf16 offsets would shift the phases
             freq = (self.base + out[..., :2]) * (2 * math.pi)  # radians per pixel
             shift = math.pi * out[..., 2:3] + math.pi * warp.float().reshape(b, 1, h * w)
             waves = torch.sin(torch.baddbmm(shift, freq, self.grid.expand(b, -1, -1)))  # (B, count, h * w)
