@@ -94,7 +94,7 @@ class GanConfig:
     channels: int = _check(lambda v: v > 0 and v % 8 == 0, "a positive multiple of 8")
     fourier: int = _check(lambda v: v >= 0, "a whole number >= 0")
     loss: Literal["ns", "hinge", "ls", "wgan-gp"]
-    conditioning: Literal["concat", "projection", "ac"]
+    conditioning: Literal["concat", "projection", "ac", "adc"]
     spectral_norm: bool
     lr_g: float = _positive()
     lr_d: float = _positive()

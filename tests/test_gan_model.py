@@ -69,19 +69,21 @@ def test_discriminator_depends_on_the_class(conditioning: str) -> None:
     assert not torch.allclose(d(x, torch.tensor([0, 0])), d(x, torch.tensor([3, 3])))
 
 
-def test_auxiliary_classifier_discriminator() -> None:
-    """``ac``: the real/fake logit ignores the label (no shortcut for the class head either); class logits on demand."""
+@pytest.mark.parametrize(("conditioning", "heads"), [("ac", 1), ("adc", 2)])
+def test_auxiliary_classifier_discriminator(conditioning: str, heads: int) -> None:
+    """The real/fake logit ignores the label (no shortcut for the class head either); class logits on demand:
+    K for ``ac``, 2K for ``adc`` (real classes, generated classes)."""
     torch.manual_seed(0)
-    d = Discriminator(4, 8, 16, conditioning="ac").eval()
+    d = Discriminator(4, 8, 16, conditioning=conditioning).eval()  # type: ignore[arg-type]
     x = torch.rand(2, 3, 16, 16) * 2 - 1
     logits, classes = d(x, torch.tensor([0, 0]), with_classes=True)
-    assert logits.shape == (2,) and classes.shape == (2, 4)
+    assert logits.shape == (2,) and classes.shape == (2, 4 * heads)
     other_logits, other_classes = d(x, torch.tensor([3, 3]), with_classes=True)
     assert torch.equal(logits, other_logits) and torch.equal(classes, other_classes)
     assert torch.equal(d(x, torch.tensor([1, 2])), logits)
-    with pytest.raises(ValueError, match="conditioning='ac'"):
+    with pytest.raises(ValueError, match="class logits need a class head"):
         Discriminator(4, 8, 16)(x, torch.tensor([0, 0]), with_classes=True)
-    with pytest.raises(ValueError, match="conditioning must be one of concat, projection, ac"):
+    with pytest.raises(ValueError, match="conditioning must be one of concat, projection, ac, adc"):
         Discriminator(4, 8, 16, conditioning="acgan")  # type: ignore[arg-type]
 
 

@@ -29,7 +29,16 @@ from pipeline.engine import EXIT_STOPPED
 from pipeline.models.features import TextureFeatureNet, save_feature_extractor
 from pipeline.models.gan import load_generator
 from pipeline.tracking import stage_params
-from pipeline.training.gan import SECTIONS, GanStep, ValEvaluator, build_models, mode_seeking_loss, train_gan
+from pipeline.training.gan import (
+    SECTIONS,
+    GanStep,
+    ValEvaluator,
+    build_models,
+    d_class_loss,
+    g_class_loss,
+    mode_seeking_loss,
+    train_gan,
+)
 from tests.conftest import ROOT, write_params
 
 STAGE = ROOT / "stages" / "train_gan.py"
@@ -169,6 +178,7 @@ def _tiny_step(overrides: dict[str, Any], tmp_path: Path) -> tuple[GanStep, Any,
         {"gan.loss": "hinge", "gan.mode_seeking": 1.0},
         {"gan.loss": "ns", "gan.conditioning": "ac", "gan.spectral_norm": True, "gan.n_critic": 2},
         {"gan.loss": "ns", "gan.conditioning": "ac", "gan.fourier": 4},
+        {"gan.loss": "hinge", "gan.conditioning": "adc", "gan.spectral_norm": True},
     ],
     ids=[
         "ns-concat",
@@ -179,6 +189,7 @@ def _tiny_step(overrides: dict[str, Any], tmp_path: Path) -> tuple[GanStep, Any,
         "hinge-mode-seeking",
         "ns-ac-sn",
         "ns-ac-fourier",
+        "hinge-adc-sn",
     ],
 )
 def test_every_loss_trains(overrides: dict[str, Any], tmp_path: Path) -> None:
@@ -192,6 +203,34 @@ def test_every_loss_trains(overrides: dict[str, Any], tmp_path: Path) -> None:
     for key in WEIGHTS:
         changed = [n for n, t in after[key].items() if t.is_floating_point() and not torch.equal(t, before[key][n])]
         assert changed, f"{key} did not change"
+
+
+def test_class_head_losses() -> None:
+    """D: ``ac`` fits the real labels; ``adc`` tells 2K classes apart (real k, generated k).
+    G: where D's head cannot tell its images from real ones of their class, ``adc`` costs nothing, while
+    ``ac`` still pays the cross-entropy (its pull towards confidently classified images)."""
+    k, gen = 3, torch.Generator().manual_seed(0)
+    real = torch.randn(4, 2 * k, generator=gen).requires_grad_(True)
+    fake = torch.randn(4, 2 * k, generator=gen)
+    labels, y = torch.tensor([0, 1, 2, 0]), torch.tensor([2, 2, 1, 0])
+    rows = range(4)
+    ac = -torch.log_softmax(real[:, :k], 1)[rows, labels].mean()
+    assert d_class_loss("ac", real[:, :k], labels, fake[:, :k], y).item() == pytest.approx(ac.item())
+    adc = -torch.log_softmax(real, 1)[rows, labels].mean() - torch.log_softmax(fake, 1)[rows, y + k].mean()
+    loss = d_class_loss("adc", real, labels, fake, y)
+    assert loss.item() == pytest.approx(adc.item())
+    loss.backward()
+    assert (real.grad[:, k:] > 0).all()  # real images are pushed away from every generated class
+    alike = torch.randn(4, k, generator=gen).repeat(1, 2)  # as likely real as generated, class by class
+    assert g_class_loss("adc", alike, y).item() == pytest.approx(0.0, abs=1e-6)
+    assert g_class_loss("ac", alike[:, :k], y).item() > 0.0
+    fooled = alike.clone()
+    fooled[rows, y + k] -= 5.0  # D takes them for real images of class y
+    assert g_class_loss("adc", fooled, y) < 0.0
+    with pytest.raises(ValueError, match="has no class head"):
+        g_class_loss("projection", alike, y)
+    with pytest.raises(ValueError, match="has no class head"):
+        d_class_loss("concat", real, labels, fake, y)
 
 
 def test_mode_seeking_loss_punishes_collapse() -> None:

@@ -8,7 +8,9 @@
   concatenated to the image (``"concat"``), through a projection (Miyato & Koyama 2018:
   ``<embed(y), sum-pooled features>`` added to the logit), or not at all (``"ac"``, AC-GAN, Odena et al.
   2017: an unconditional real/fake logit plus a class head on the same features, which the trainer
-  fits to the real labels and the generator must satisfy). Optional spectral norm
+  fits to the real labels and the generator must satisfy). ``"adc"`` (ADC-GAN, Hou et al. 2022) widens
+  that head to ``2 * num_classes`` logits, real and generated per class, which removes AC-GAN's pull
+  towards easily classified, alike samples. Optional spectral norm
   (Miyato et al. 2018) on every layer and optional BatchNorm (the trainer drops it with spectral norm or a
   gradient penalty, as SN-GAN, WGAN-GP and R1 do).
 - :class:`EMA` of the generator's weights (the model that is evaluated and shipped), :func:`diff_augment`
@@ -32,7 +34,8 @@ from torch.nn.utils.parametrizations import spectral_norm as _spectral_norm
 
 from pipeline import checkpoint
 
-Conditioning = Literal["concat", "projection", "ac"]
+Conditioning = Literal["concat", "projection", "ac", "adc"]
+CLASS_HEADS = {"ac": 1, "adc": 2}  # conditionings with a class head: its logits per class
 CONDITIONINGS: tuple[str, ...] = get_args(Conditioning)
 AUGMENTATIONS = ("color", "translation", "cutout")
 MIN_SIDE = 4  # the smallest feature map: 16/32/64-px patches start (G) and end (D) at 4 x 4
@@ -145,7 +148,9 @@ class Generator(nn.Module):
 class Discriminator(nn.Module):
     """``forward(images (B, 3, S, S) in [-1, 1], labels (B,)) -> logits (B,)``.
 
-    With ``conditioning="ac"``, ``forward(..., with_classes=True)`` also returns class logits (B, num_classes).
+    With a class head (``conditioning`` in :data:`CLASS_HEADS`), ``forward(..., with_classes=True)`` also
+    returns its logits: (B, num_classes) for ``ac``; (B, 2 * num_classes) for ``adc`` (the real classes, then
+    the generated ones).
     """
 
     def __init__(
@@ -175,12 +180,13 @@ class Discriminator(nn.Module):
         self.features = nn.Sequential(*layers)
         self.head = sn(nn.Conv2d(width, 1, side, 1, 0))
         self.embed = sn(nn.Embedding(num_classes, width)) if conditioning == "projection" else None
-        self.classifier = sn(nn.Linear(width, num_classes)) if conditioning == "ac" else None
+        heads = CLASS_HEADS.get(conditioning, 0)
+        self.classifier = sn(nn.Linear(width, heads * num_classes)) if heads else None
         _init_dcgan(self)
 
     def forward(self, images: Tensor, labels: Tensor, with_classes: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         if with_classes and self.classifier is None:
-            raise ValueError("class logits need conditioning='ac'")
+            raise ValueError(f"class logits need a class head (conditioning {', '.join(CLASS_HEADS)})")
         if self.conditioning == "concat":
             onehot = F.one_hot(labels, self.num_classes).to(images.dtype)
             maps = onehot[:, :, None, None].expand(-1, -1, *images.shape[-2:])

@@ -46,7 +46,16 @@ from pipeline.engine import EXIT_STOPPED, GracefulStop, History, Session, Throug
 from pipeline.errors import UserError
 from pipeline.metrics.fid import GaussianStats, fid_from_stats, gather_features, precision_recall_coverage
 from pipeline.models.features import load_feature_extractor
-from pipeline.models.gan import EMA, Discriminator, Generator, diff_augment, generate_from_noise, noise, sample_grid
+from pipeline.models.gan import (
+    CLASS_HEADS,
+    EMA,
+    Discriminator,
+    Generator,
+    diff_augment,
+    generate_from_noise,
+    noise,
+    sample_grid,
+)
 from pipeline.models.gan import save_generator as _save_generator
 
 STAGE = "train_gan"
@@ -88,6 +97,34 @@ def g_loss(kind: str, fake: Tensor) -> Tensor:
     if kind in ("hinge", "wgan-gp"):
         return -fake.mean()
     raise ValueError(f"unknown GAN loss {kind!r}")
+
+
+def d_class_loss(kind: str, real: Tensor, labels: Tensor, fake: Tensor, y_fake: Tensor) -> Tensor:
+    """D's class-head loss on the class logits of real images (``labels``) and generated ones (``y_fake``).
+
+    ``ac`` (Odena et al. 2017) fits the real labels only; generated images are the head's test.
+    ``adc`` (Hou et al. 2022) classifies into ``2K`` classes: real class ``k`` or generated class ``k``.
+    """
+    if kind == "ac":
+        return F.cross_entropy(real, labels)
+    if kind == "adc":
+        return F.cross_entropy(real, labels) + F.cross_entropy(fake, y_fake + real.shape[1] // 2)
+    raise ValueError(f"conditioning {kind!r} has no class head")
+
+
+def g_class_loss(kind: str, fake: Tensor, y: Tensor) -> Tensor:
+    """G's class-head loss on the class logits of its images for the classes ``y`` it was asked for.
+
+    ``ac``: the class head must give them their class. Minimising that cross-entropy also lowers the
+    conditional entropy of the generated classes, which pulls G to easily classified, alike images.
+    ``adc`` adds the log-probability of "generated class y", which cancels that pull: G must make its
+    images of class y indistinguishable from the real ones of class y, all of their variety included.
+    """
+    if kind == "ac":
+        return F.cross_entropy(fake, y)
+    if kind == "adc":
+        return F.cross_entropy(fake, y) - F.cross_entropy(fake, y + fake.shape[1] // 2)
+    raise ValueError(f"conditioning {kind!r} has no class head")
 
 
 def mode_seeking_loss(images: Tensor, z: Tensor, eps: float = 1e-5) -> Tensor:
@@ -221,10 +258,10 @@ class GanStep:
         _set_requires_grad(d_plain, False)
         try:
             with env.autocast():
-                logits, class_loss = self._judge(d_plain, augment(fake), y_fake)
+                logits, classes = self._judge(d_plain, augment(fake), y_fake)
                 loss_g = g_loss(gan.loss, logits)
-            if class_loss is not None:  # G's images must carry their class for D's class head
-                loss_g = loss_g + class_loss
+            if classes is not None:  # G's images must carry their class for D's class head
+                loss_g = loss_g + g_class_loss(gan.conditioning, classes, y_fake)
             if gan.mode_seeking > 0:
                 loss_g = loss_g + gan.mode_seeking * mode_seeking_loss(fake, z)
             m.opt_g.zero_grad(set_to_none=True)
@@ -244,11 +281,11 @@ class GanStep:
         }
 
     def _judge(self, d: nn.Module, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor | None]:
-        """D's real/fake logits (float) and, with ``ac`` conditioning, its class head's cross-entropy on ``labels``."""
-        if self.gan.conditioning != "ac":
+        """D's real/fake logits and its class head's logits (``None`` without one), both float."""
+        if self.gan.conditioning not in CLASS_HEADS:
             return d(images, labels).float(), None
         logits, classes = d(images, labels, with_classes=True)
-        return logits.float(), F.cross_entropy(classes.float(), labels)
+        return logits.float(), classes.float()
 
     def _d_update(
         self, real: Tensor, labels: Tensor, fake: Tensor, y_fake: Tensor, uniform: Callable[[], Tensor]
@@ -257,12 +294,11 @@ class GanStep:
         if gan.r1_gamma > 0:
             real = real.detach().requires_grad_(True)
         with env.autocast():
-            # The class head learns the real labels only (G's images are its test).
-            logits_real, class_loss = self._judge(m.d, real, labels)
-            logits_fake = m.d(fake, y_fake).float()
+            logits_real, classes_real = self._judge(m.d, real, labels)
+            logits_fake, classes_fake = self._judge(m.d, fake, y_fake)
         loss = d_loss(gan.loss, logits_real, logits_fake, gan.label_smoothing)
-        if class_loss is not None:
-            loss = loss + class_loss
+        if classes_real is not None and classes_fake is not None:
+            loss = loss + d_class_loss(gan.conditioning, classes_real, labels, classes_fake, y_fake)
         if gan.loss == "wgan-gp":
             alpha = uniform().view(-1, 1, 1, 1)
             mixed = (alpha * real.detach() + (1 - alpha) * fake).requires_grad_(True)
