@@ -152,16 +152,23 @@ def class_balanced(feats: Tensor, labels: Tensor, per_class: int) -> tuple[Tenso
     return feats[keep], labels[keep]
 
 
+def fid_per_class(
+    real: Tensor, real_labels: Tensor, fake: Tensor, fake_labels: Tensor, classes: list[str]
+) -> dict[str, float | None]:
+    """Intra-class FID per class name (``None`` where either side has fewer than 2 rows of the class)."""
+    out = {}
+    for c, name in enumerate(classes):
+        r, f = real[real_labels == c], fake[fake_labels == c]
+        out[name] = frechet(r, f) if min(r.shape[0], f.shape[0]) >= 2 else None
+    return out
+
+
 def gan_metrics(
     real: Tensor, real_labels: Tensor, fake: Tensor, fake_labels: Tensor, classes: list[str], k: int, seed: int
 ) -> dict[str, Any]:
     """FID, KID, precision/recall/density/coverage, diversity ratio and intra-class FID of ``fake`` vs ``real``."""
     kid_mean, kid_std = kid(real, fake, KID_SUBSETS, KID_SUBSET_SIZE, seed=seed)
     diversity = diversity_ratio(real, real_labels, fake, fake_labels)
-    per_class_fid = {}
-    for c, name in enumerate(classes):
-        r, f = real[real_labels == c], fake[fake_labels == c]
-        per_class_fid[name] = frechet(r, f) if min(r.shape[0], f.shape[0]) >= 2 else None
     return {
         "fid": frechet(real, fake),
         "kid_mean": kid_mean,
@@ -171,7 +178,7 @@ def gan_metrics(
         "diversity_per_class": {
             name: _finite(value) for name, value in zip(classes, diversity["per_class"], strict=True)
         },
-        "fid_per_class": per_class_fid,
+        "fid_per_class": fid_per_class(real, real_labels, fake, fake_labels, classes),
         "num_samples": int(fake.shape[0]),
         "num_real": int(real.shape[0]),
     }
@@ -240,6 +247,9 @@ def evaluate_gan(cfg: Config, env: DistEnv, shard_dir: Path, generator_path: Pat
             baselines[f"fid_{name}"] = frechet(real, f)
             baselines[f"recall_{name}"] = precision_recall_coverage(real, f, ev.knn_k)["recall"]
             baselines[f"diversity_{name}"] = _finite(diversity_ratio(real, real_labels, f, f_labels)["mean"])
+        # What each class's FID is for real train patches from other sources: the floor of ``fid_per_class``
+        # (a few test sources per class make it large for the periodic classes).
+        baselines["fid_per_class_real"] = fid_per_class(real, real_labels, train, train_labels, classes)
         metrics |= {
             # FID's scale belongs to the extractor; its ratio to the untrained generator's FID in the same
             # features is what the register gate reads (1 = no better than the initial weights).

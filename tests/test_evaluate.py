@@ -33,7 +33,7 @@ GAN_KEYS = {
 }  # fmt: skip
 BASELINE_KEYS = {
     "fid_untrained", "fid_real", "recall_untrained", "recall_real", "diversity_untrained", "diversity_real",
-    "num_real_train",
+    "fid_per_class_real", "num_real_train",
 }  # fmt: skip
 SEGMENTER_KEYS = {"miou", "pixel_accuracy", "iou", "absent_classes", "num_images", "num_pixels"}
 SEGMENTER_KEYS |= {"miou_single_view", "pixel_accuracy_single_view"}
@@ -88,6 +88,8 @@ def test_gan_report_has_the_contract_keys(tiny_models, tiny_shards: Path) -> Non
     for key in ("precision", "recall", "coverage"):
         assert 0.0 <= m[key] <= 1.0, key
     assert list(m["fid_per_class"]) == classes and list(m["diversity_per_class"]) == classes
+    real_per_class = m["baselines"]["fid_per_class_real"]
+    assert list(real_per_class) == classes and all(v is None or math.isfinite(v) for v in real_per_class.values())
     # The untrained generator is the one saved here (same seed, same weights class): similar numbers,
     # and real train patches are far closer to the test patches than any untrained generator.
     assert m["baselines"]["fid_real"] < m["baselines"]["fid_untrained"]
