@@ -93,6 +93,7 @@ class GanConfig:
     z_dim: int = _positive()
     channels: int = _check(lambda v: v > 0 and v % 8 == 0, "a positive multiple of 8")
     fourier: int = _check(lambda v: v >= 0, "a whole number >= 0")
+    fourier_warp: bool
     loss: Literal["ns", "hinge", "ls", "wgan-gp"]
     conditioning: Literal["concat", "projection", "ac", "adc"]
     spectral_norm: bool

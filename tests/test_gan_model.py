@@ -45,11 +45,13 @@ def test_layout_rejects_unusable_sizes(size: int) -> None:
 
 @pytest.mark.parametrize("size", [16, 32, 64])
 @pytest.mark.parametrize(
-    ("conditioning", "sn", "fourier"), [("concat", False, 0), ("projection", True, 0), ("ac", True, 6)]
+    ("conditioning", "sn", "fourier", "warp"),
+    [("concat", False, 0, True), ("projection", True, 0, True), ("ac", True, 6, True), ("adc", True, 6, False)],
 )
-def test_generator_and_discriminator_shapes(size: int, conditioning: str, sn: bool, fourier: int) -> None:
+def test_generator_and_discriminator_shapes(size: int, conditioning: str, sn: bool, fourier: int, warp: bool) -> None:
     torch.manual_seed(0)
-    g = Generator(num_classes=3, z_dim=8, channels=8, image_size=size, fourier=fourier)
+    g = Generator(num_classes=3, z_dim=8, channels=8, image_size=size, fourier=fourier, fourier_warp=warp)
+    assert g.net[-1].out_channels == 3 + (fourier > 0 and warp)  # the phase map is a fourth output map
     d = Discriminator(3, 8, size, conditioning=conditioning, spectral_norm=sn, batch_norm=not sn)
     labels = torch.tensor([0, 1, 2, 1])
     images = g(torch.randn(4, 8), labels)
@@ -124,6 +126,7 @@ def test_fourier_head_draws_the_sinusoids_its_mlp_asks_for_bent_by_the_warp() ->
     assert not torch.allclose(out[1, 0, 0], out[1, 0, 5], atol=1e-2)  # the warp bends them
     cond = torch.randn(3, 4)
     with torch.no_grad():
+        assert torch.equal(head(cond, None), head(cond, torch.zeros(3, 1, 16, 16)))  # no warp: straight waves
         head.mlp[-1].weight.normal_()  # frequencies that depend on the input, through the MLP
         exact = head(cond, warp)
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -213,10 +216,10 @@ def test_sample_grid_has_one_row_per_class() -> None:
     assert grid.shape == (3 * 18 + 2, 4 * 18 + 2, 3) and grid.dtype.name == "uint8"
 
 
-@pytest.mark.parametrize("fourier", [0, 4])
-def test_save_and_load_generator_round_trip(fourier: int, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("fourier", "warp"), [(0, True), (4, True), (4, False)])
+def test_save_and_load_generator_round_trip(fourier: int, warp: bool, tmp_path: Path) -> None:
     torch.manual_seed(0)
-    g = Generator(3, 8, 8, 32, fourier=fourier).to(memory_format=torch.channels_last)
+    g = Generator(3, 8, 8, 32, fourier=fourier, fourier_warp=warp).to(memory_format=torch.channels_last)
     g.train()(torch.randn(4, 8), torch.tensor([0, 1, 2, 0]))  # non-default BatchNorm statistics
     meta = {"classes": ["a", "b", "c"], "step": 7, "val_fid": 12.5, "run_id": "abc"}
     path = tmp_path / "generator.pt"
@@ -224,6 +227,7 @@ def test_save_and_load_generator_round_trip(fourier: int, tmp_path: Path) -> Non
     raw = checkpoint.load(path)  # weights_only
     assert set(raw) == {"kwargs", "state_dict", "meta"}
     assert raw["kwargs"].get("fourier", 0) == fourier  # files without the key (older models) load as fourier=0
+    assert raw["kwargs"].get("fourier_warp", True) == warp  # the key only where it is false
     loaded, loaded_meta = load_generator(path)
     assert loaded_meta == meta and not loaded.training
     labels = torch.tensor([0, 1, 2])

@@ -179,6 +179,7 @@ def _tiny_step(overrides: dict[str, Any], tmp_path: Path) -> tuple[GanStep, Any,
         {"gan.loss": "ns", "gan.conditioning": "ac", "gan.spectral_norm": True, "gan.n_critic": 2},
         {"gan.loss": "ns", "gan.conditioning": "ac", "gan.fourier": 4},
         {"gan.loss": "hinge", "gan.conditioning": "adc", "gan.spectral_norm": True},
+        {"gan.loss": "ns", "gan.conditioning": "adc", "gan.fourier": 4, "gan.fourier_warp": False},
     ],
     ids=[
         "ns-concat",
@@ -190,6 +191,7 @@ def _tiny_step(overrides: dict[str, Any], tmp_path: Path) -> tuple[GanStep, Any,
         "ns-ac-sn",
         "ns-ac-fourier",
         "hinge-adc-sn",
+        "ns-adc-straight-fourier",
     ],
 )
 def test_every_loss_trains(overrides: dict[str, Any], tmp_path: Path) -> None:

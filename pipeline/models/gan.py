@@ -3,7 +3,7 @@
 - :class:`Generator`: ``z`` and a one-hot class go through a transposed conv to a ``side x side`` map
   (``side`` = 4 for 16/32/64-px patches), then one stride-2 transposed conv block per doubling, BatchNorm +
   ReLU, ``tanh`` output in [-1, 1]. Optionally (``fourier > 0``) a :class:`FourierHead` adds per-sample
-  sinusoids, bent by a phase map from the last conv, before the ``tanh``.
+  sinusoids, bent by a phase map from the last conv unless ``fourier_warp`` is false, before the ``tanh``.
 - :class:`Discriminator`: the mirror image with LeakyReLU(0.2). The class enters either as one-hot maps
   concatenated to the image (``"concat"``), through a projection (Miyato & Koyama 2018:
   ``<embed(y), sum-pooled features>`` added to the logit), or not at all (``"ac"``, AC-GAN, Odena et al.
@@ -83,7 +83,7 @@ class FourierHead(nn.Module):
 
     def __init__(self, cond_dim: int, count: int, size: int, hidden: int = 128) -> None:
         super().__init__()
-        self.count = count
+        self.count, self.side = count, size
         self.mlp = nn.Sequential(nn.Linear(cond_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, 6 * count))
         k = torch.arange(count, dtype=torch.float64)
         angle = math.pi * ((k * (math.sqrt(5) - 1) / 2) % 1.0)  # golden-ratio spread over [0, pi)
@@ -94,31 +94,38 @@ class FourierHead(nn.Module):
         xy = torch.stack(torch.meshgrid(grid, grid, indexing="xy")).flatten(1)
         self.register_buffer("grid", xy, persistent=False)  # (2, size * size) pixel coordinates from the centre
 
-    def forward(self, cond: Tensor, warp: Tensor) -> Tensor:
-        """``cond (B, cond_dim)``, ``warp (B, 1, size, size)`` (a phase shift per pixel, in half turns) ->
-        ``(B, 3, size, size)`` in float32, computed without autocast (the sines' arguments reach tens of
-        radians: beyond bf16)."""
-        b, _, h, w = warp.shape
-        with torch.autocast(warp.device.type, enabled=False):
+    def forward(self, cond: Tensor, warp: Tensor | None) -> Tensor:
+        """``cond (B, cond_dim)``, ``warp (B, 1, size, size)`` (a phase shift per pixel, in half turns; ``None``:
+        straight waves) -> ``(B, 3, size, size)`` in float32, computed without autocast (the sines' arguments
+        reach tens of radians: beyond bf16)."""
+        b, side = cond.shape[0], self.side
+        with torch.autocast(cond.device.type, enabled=False):
             out = self.mlp(cond.float()).view(b, self.count, 6)  # fp32: bf16 offsets would shift the phases
             freq = (self.base + out[..., :2]) * (2 * math.pi)  # radians per pixel
-            shift = math.pi * out[..., 2:3] + math.pi * warp.float().reshape(b, 1, h * w)
-            waves = torch.sin(torch.baddbmm(shift, freq, self.grid.expand(b, -1, -1)))  # (B, count, h * w)
-            return torch.bmm(out[..., 3:].transpose(1, 2), waves).view(b, 3, h, w)
+            shift = math.pi * out[..., 2:3]
+            if warp is not None:
+                shift = shift + math.pi * warp.float().reshape(b, 1, side * side)
+            waves = torch.sin(torch.baddbmm(shift, freq, self.grid.expand(b, -1, -1)))  # (B, count, side**2)
+            return torch.bmm(out[..., 3:].transpose(1, 2), waves).view(b, 3, side, side)
 
 
 class Generator(nn.Module):
     """``forward(z (B, z_dim), labels (B,)) -> images (B, 3, S, S)`` in [-1, 1].
 
-    With ``fourier > 0`` the last transposed conv draws a fourth map, the phase warp of a :class:`FourierHead`
-    of that many sinusoids, which is added to the three colour maps before ``tanh``.
+    With ``fourier > 0`` a :class:`FourierHead` of that many sinusoids is added to the three colour maps before
+    ``tanh``; with ``fourier_warp`` too, the last transposed conv draws a fourth map, the head's phase warp.
     """
 
-    def __init__(self, num_classes: int, z_dim: int, channels: int, image_size: int, fourier: int = 0) -> None:
+    def __init__(
+        self, num_classes: int, z_dim: int, channels: int, image_size: int, fourier: int = 0, fourier_warp: bool = True
+    ) -> None:
         super().__init__()
         self.kwargs = {"num_classes": num_classes, "z_dim": z_dim, "channels": channels, "image_size": image_size}
         if fourier:
             self.kwargs["fourier"] = fourier
+            if not fourier_warp:
+                self.kwargs["fourier_warp"] = False
+        warp = bool(fourier and fourier_warp)
         self.num_classes, self.z_dim, self.image_size = num_classes, z_dim, image_size
         side, blocks = layout(image_size)
         width = channels * 2 ** (blocks - 1)
@@ -131,16 +138,18 @@ class Generator(nn.Module):
             layers += [nn.ConvTranspose2d(width, width // 2, 4, 2, 1, bias=False), nn.BatchNorm2d(width // 2)]
             layers.append(nn.ReLU(inplace=True))
             width //= 2
-        layers.append(nn.ConvTranspose2d(width, 3 + (1 if fourier else 0), 4, 2, 1))
+        layers.append(nn.ConvTranspose2d(width, 3 + warp, 4, 2, 1))
         self.net = nn.Sequential(*layers)
         self.fourier = FourierHead(z_dim + num_classes, fourier, image_size) if fourier else None
+        self.fourier_warp = warp
         _init_dcgan(self)
 
     def forward(self, z: Tensor, labels: Tensor) -> Tensor:
         cond = torch.cat([z, F.one_hot(labels, self.num_classes).to(z.dtype)], 1)
         x = self.net(cond[:, :, None, None])
         if self.fourier is not None:
-            x, warp = x[:, :3], x[:, 3:]
+            warp = x[:, 3:] if self.fourier_warp else None
+            x = x[:, :3]
             x = x + self.fourier(cond, warp).to(x.dtype)
         return torch.tanh(x)
 

@@ -187,7 +187,7 @@ def build_models(
     RNG, so they are the same on every rank and for every world size."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(seed, _INIT_STREAM))
-        g = Generator(num_classes, gan.z_dim, gan.channels, image_size, gan.fourier)
+        g = Generator(num_classes, gan.z_dim, gan.channels, image_size, gan.fourier, gan.fourier_warp)
         d = Discriminator(
             num_classes,
             gan.channels,
