@@ -8,9 +8,22 @@ from contextlib import contextmanager
 from functools import wraps
 from typing import Any
 
+MESSAGE_LIMIT = 300  # characters of an exception's message quoted in a one-line error
+
 
 class UserError(Exception):
     """A mistake the user can fix (bad params, missing file, unknown model): printed as one line."""
+
+
+def one_line(exc: BaseException) -> str:
+    """``exc``'s message for quoting in a one-line error, or its type name when it has none.
+
+    Runs of whitespace (newlines included) become one space; at most ``MESSAGE_LIMIT`` characters.
+    """
+    text = " ".join(str(exc).split())
+    if len(text) > MESSAGE_LIMIT:
+        text = text[: MESSAGE_LIMIT - 3] + "..."
+    return text or type(exc).__name__
 
 
 @contextmanager
