@@ -25,7 +25,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import UserError
+from pipeline.errors import UserError, one_line
 
 PIPE, S3, HTTP = "pipe:", "s3://", ("http://", "https://")
 REMOTE = (PIPE, S3, *HTTP)
@@ -68,7 +68,7 @@ def read_bytes(location: str) -> bytes:
     except FileNotFoundError:
         raise StorageError(f"{location}: not found") from None
     except (OSError, urllib.error.URLError) as exc:
-        raise StorageError(f"{location}: cannot read ({' '.join(str(exc).split()) or type(exc).__name__})") from None
+        raise StorageError(f"{location}: cannot read ({one_line(exc)})") from None
 
 
 def _run_pipe(location: str) -> bytes:
