@@ -1,12 +1,15 @@
-"""Checkpoints that survive crashes: atomic writes, weights-only loading, RNG capture, resume."""
+"""Checkpoints that survive crashes: atomic writes, weights-only loading, RNG capture, resume, one writer per stage."""
 
 from __future__ import annotations
 
+import fcntl
 import io
 import json
 import os
 import random
+import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -17,7 +20,7 @@ from torch import nn
 from pipeline.errors import UserError
 
 LAST = "last.pt"
-BEST = "best.pt"
+LOCK = ".lock"
 M = TypeVar("M", bound=nn.Module)
 
 
@@ -140,3 +143,74 @@ def resume_state(
             f"{path}: checkpoint was made with other params; delete it or set train.on_params_change: restart"
         )
     return ckpt
+
+
+class StageLockedError(UserError):
+    """Another run holds the stage's checkpoint directory."""
+
+
+class StageLock:
+    """An exclusive ``flock`` on ``<directory>/.lock``, which records the holder (host, pid, start) as JSON.
+
+    The kernel releases a ``flock`` when its holder dies, so a lock left by a killed run is simply taken
+    over; the JSON only names the holder in the refusal. Held until the process exits (its descriptor
+    is not inherited by programs the process starts, PEP 446).
+    """
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        self.path = self.directory / LOCK
+
+    def acquire(self) -> None:
+        """Take the lock at once or raise :class:`StageLockedError` naming its holder."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            refusal = self._refusal(fd)
+            os.close(fd)
+            raise refusal from None
+        record = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)  # fd stays open: the lock is held until exit
+
+    def check_free(self) -> None:
+        """Raise :class:`StageLockedError` if another process holds the lock; takes nothing, writes nothing."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise self._refusal(fd) from None
+        finally:
+            os.close(fd)
+
+    def _refusal(self, fd: int) -> StageLockedError:
+        try:
+            record = json.loads(os.pread(fd, 4096, 0))
+            holder = f"pid {record['pid']} on host {record['host']} (started {record['started']})"
+        except (ValueError, KeyError, TypeError):  # the holder is between taking the lock and writing its record
+            holder = "another process"
+        return StageLockedError(
+            f"{self.directory}: locked by {holder}; another run of this stage is writing there: "
+            "wait for it to finish or stop it"
+        )
+
+
+_HELD: dict[Path, StageLock] = {}
+
+
+def hold_stage_lock(directory: str | Path) -> None:
+    """Take ``directory``'s :class:`StageLock` for the rest of this process (the kernel drops it at exit).
+
+    Taken once per process and directory: a process that runs the stage again (a test, a finished run asked
+    again) is still the one writer.
+    """
+    key = Path(directory).resolve()
+    if key not in _HELD:
+        lock = StageLock(directory)
+        lock.acquire()
+        _HELD[key] = lock

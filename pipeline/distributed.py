@@ -9,8 +9,11 @@ elsewhere.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import random
+import signal
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +24,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from pipeline.config import TrainConfig
-from pipeline.errors import UserError
+from pipeline.errors import LAUNCHER_PID, UserError
 
 
 @dataclass(frozen=True)
@@ -79,8 +82,38 @@ def _resolve_precision(choice: str, device: torch.device) -> torch.dtype | None:
     return None
 
 
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def die_with_parent(parent: int) -> None:
+    """SIGKILL this process as soon as ``parent``, the process that started it, is gone (Linux only).
+
+    The kernel sends the signal when the parent thread that forked us exits; a parent already gone before the
+    call (we were re-parented) is caught by comparing ``getppid()``. SIGKILL, not SIGTERM: with its launcher
+    gone the job is over (no restarts, a successor may be waiting for the stage lock), and a graceful stop
+    would need every rank at a step boundary and a collective with peers that may be dead. The last complete
+    checkpoint stays as it was: checkpoints are written atomically.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != parent:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _die_with_torchrun_agent() -> None:
+    """Under torchrun, a rank dies with its agent (whose workers run in their own sessions, out of reach of a
+    kill of the launcher's process group). ``pipeline.launch`` runs the agent and names its pid, which also
+    covers an agent that died while this process was starting."""
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        die_with_parent(int(os.environ.get(LAUNCHER_PID, os.getppid())))
+
+
 def init_distributed(train: TrainConfig) -> DistEnv:
     """Join the process group torchrun describes (or run alone) and pick device and precision."""
+    _die_with_torchrun_agent()
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from pipeline import checkpoint
 from pipeline.config import Config
-from pipeline.distributed import DistEnv, any_rank, barrier
+from pipeline.distributed import DistEnv, any_rank, barrier, broadcast_object
 from pipeline.errors import UserError
 from pipeline.tracking import TAG_MANIFEST, TAG_PARAMS_HASH, RunLogger, file_sha256, stage_params, tracking_uri
 
@@ -95,7 +95,11 @@ class History:
 
 
 class Session:
-    """One stage execution: params hash, last checkpoint, the MLflow run, and rank-0 outputs."""
+    """One stage execution: params hash, last checkpoint, the MLflow run, and rank-0 outputs.
+
+    Rank 0 holds the checkpoint directory's :class:`~pipeline.checkpoint.StageLock` from here until it exits:
+    a second run of the stage on that directory stops on every rank with one line naming the holder.
+    """
 
     def __init__(
         self,
@@ -109,6 +113,15 @@ class Session:
     ) -> None:
         self.cfg, self.stage, self.sections, self.env = cfg, stage, sections, env
         self.ckpt_dir, self.out_dir, self.manifest = Path(ckpt_dir), Path(out_dir), Path(manifest)
+        refusal = None
+        if env.is_main:
+            try:
+                checkpoint.hold_stage_lock(self.ckpt_dir)
+            except checkpoint.StageLockedError as exc:
+                refusal = str(exc)
+        refusal = broadcast_object(refusal)  # the other ranks stop too instead of waiting for rank 0
+        if refusal is not None:
+            raise checkpoint.StageLockedError(refusal)
         self.manifest_sha256 = file_sha256(self.manifest)
         # The data is part of what a checkpoint was trained on: new shards mean a new run.
         self.params_hash = cfg.section_hash(*sections)[:16] + "-" + self.manifest_sha256[:16]

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import wraps
+from pathlib import Path
 from typing import Any
 
 MESSAGE_LIMIT = 300  # characters of an exception's message quoted in a one-line error
+# How ``pipeline.launch`` (the torchrun agent) hears of a user error in one of its workers: the worker writes
+# its line into ERROR_DIR and sends REPORT_SIGNAL to LAUNCHER_PID, which stops the job without a restart.
+LAUNCHER_PID, ERROR_DIR, REPORT_SIGNAL = "PIPELINE_LAUNCHER_PID", "PIPELINE_ERROR_DIR", signal.SIGUSR1
 
 
 class UserError(Exception):
@@ -32,8 +38,23 @@ def user_errors(prog: str) -> Iterator[None]:
     try:
         yield
     except UserError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
+        line = f"{prog}: error: {exc}"
+        if not _report_to_launcher(line):
+            print(line, file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def _report_to_launcher(line: str) -> bool:
+    """Hand ``line`` to ``pipeline.launch`` when it started this process (a torchrun worker); False otherwise.
+
+    The launcher prints each distinct line once, after the job stopped, instead of every rank and restart.
+    """
+    launcher, directory = os.environ.get(LAUNCHER_PID), os.environ.get(ERROR_DIR)
+    if not launcher or not directory or os.getppid() != int(launcher):
+        return False
+    (Path(directory) / f"rank-{os.environ.get('RANK', '0')}").write_text(line + "\n")
+    os.kill(int(launcher), REPORT_SIGNAL)
+    return True
 
 
 def main_entry(prog: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
 import random
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -62,3 +67,32 @@ def test_resume_state_checks_params_hash(tmp_path: Path) -> None:
     assert checkpoint.resume_state(tmp_path, "h2", "restart") is None
     with pytest.raises(checkpoint.CheckpointError, match="made with other params"):
         checkpoint.resume_state(tmp_path, "h2", "error")
+
+
+def _hold_lock_in_child(directory: Path) -> subprocess.Popen:
+    """A process that takes ``directory``'s stage lock, says so on stdout, and waits to be killed."""
+    code = f"from pipeline import checkpoint; checkpoint.StageLock({str(directory)!r}).acquire(); print(1, flush=True)"
+    child = subprocess.Popen([sys.executable, "-c", code + "; import time; time.sleep(600)"], stdout=subprocess.PIPE)
+    assert child.stdout is not None and child.stdout.readline() == b"1\n"
+    return child
+
+
+def test_stage_lock_refuses_a_second_holder_naming_the_first(tmp_path: Path) -> None:
+    ckpt = tmp_path / "ckpt"
+    checkpoint.StageLock(ckpt).check_free()  # no lock file yet: free, and nothing is created
+    assert not ckpt.exists()
+    child = _hold_lock_in_child(ckpt)
+    try:
+        holder = rf"{ckpt}: locked by pid {child.pid} on host {socket.gethostname()} \(started \d{{4}}-"
+        with pytest.raises(checkpoint.StageLockedError, match=holder):
+            checkpoint.StageLock(ckpt).acquire()
+        with pytest.raises(checkpoint.StageLockedError, match=holder):
+            checkpoint.StageLock(ckpt).check_free()
+    finally:
+        child.kill()
+        child.wait()
+    # The kernel dropped the dead holder's flock: the next run takes the lock over and records itself.
+    checkpoint.StageLock(ckpt).check_free()
+    checkpoint.hold_stage_lock(ckpt)
+    checkpoint.hold_stage_lock(ckpt)  # the same process again (a stage run twice in-process): still the holder
+    assert json.loads((ckpt / checkpoint.LOCK).read_text())["pid"] == os.getpid()

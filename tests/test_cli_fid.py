@@ -61,8 +61,10 @@ def test_fid_between_folders_matches_direct_computation(folders: Path) -> None:
     sa, sb = GaussianStats(8), GaussianStats(8)
     sa.update(fa)
     sb.update(fb)
-    assert result["fid"] == pytest.approx(fid_from_stats(sa, sb), rel=1e-9)
-    assert (result["kid_mean"], result["kid_std"]) == pytest.approx(kid(fa, fb, 100, 1000, seed=0), rel=1e-9)
+    # float32 features from batches of 5 and from one batch differ in the last bits (by CPU: 6e-8 relative in
+    # the FID on an Intel Xeon, 0 on AMD EPYC): float32-sized tolerances
+    assert result["fid"] == pytest.approx(fid_from_stats(sa, sb), rel=1e-5)
+    assert (result["kid_mean"], result["kid_std"]) == pytest.approx(kid(fa, fb, 100, 1000, seed=0), rel=1e-5)
     assert result["num_a"] == 12 and result["num_b"] == 9
     assert result["features"] == file_sha256(folders / "extractor.pt")
     assert result["fid"] > 0

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -75,11 +77,15 @@ def test_launch_resolves_nproc_and_rendezvous(monkeypatch: pytest.MonkeyPatch) -
     with pytest.raises(SystemExit, match="--nproc"):
         launch.resolve_nproc("zero")
     monkeypatch.delenv("PIPELINE_TORCHRUN_ARGS", raising=False)
-    argv = launch.torchrun_argv(2, 1, "stages/x.py", ["--a"])
+    argv = launch.torchrun_args(2, 1, "stages/x.py", ["--a"])
     assert "--standalone" in argv and "--nproc-per-node=2" in argv and argv[-2:] == ["stages/x.py", "--a"]
+    assert launch.world_size(2) == 2
     monkeypatch.setenv("PIPELINE_TORCHRUN_ARGS", "--nnodes 2 --rdzv-backend c10d --rdzv-endpoint head:29400")
-    argv = launch.torchrun_argv(4, 0, "s.py", [])
+    argv = launch.torchrun_args(4, 0, "s.py", [])
     assert "--standalone" not in argv and "--rdzv-endpoint" in argv and "--max-restarts=0" in argv
+    assert launch.world_size(4) == 8
+    monkeypatch.setenv("PIPELINE_TORCHRUN_ARGS", "--nnodes=1:4 --rdzv-backend c10d --rdzv-endpoint head:29400")
+    assert launch.world_size(4) is None  # elastic: unknown until the rendezvous
 
 
 @pytest.mark.slow
@@ -100,3 +106,43 @@ def test_collectives_over_two_gloo_processes(tiny_params, tmp_path: Path) -> Non
         assert r["obj"] == {"from": 0}
         assert r["bn"] == [[0.5, 0.5], [2.0, 2.0], 0]  # running statistics averaged, the step count untouched
     assert r0["seed"] != r1["seed"]
+
+
+LINUX_ONLY = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal: Linux only")
+# A child in its own session (as torchrun starts its workers, out of reach of a kill of the parent's group)
+# that dies with its parent; it prints its pid.
+PARENT = """
+import os, subprocess, sys, time
+child = "from pipeline import distributed; import os, time; distributed.die_with_parent(%d); "
+child += "print(os.getpid(), flush=True); time.sleep(600)"
+subprocess.Popen([sys.executable, "-c", child % os.getpid()], start_new_session=True)
+time.sleep(600)
+"""
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended
+    except FileNotFoundError:
+        return False
+
+
+@LINUX_ONLY
+def test_a_process_dies_with_its_parent() -> None:
+    parent = subprocess.Popen([sys.executable, "-c", PARENT], stdout=subprocess.PIPE, cwd=ROOT)
+    assert parent.stdout is not None
+    child = int(parent.stdout.readline())
+    assert _running(child)
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 5
+    while _running(child):
+        assert time.monotonic() < deadline, "the child outlived its parent"
+        time.sleep(0.05)
+
+
+@LINUX_ONLY
+def test_a_process_whose_parent_is_already_gone_dies_at_once() -> None:
+    child = "from pipeline import distributed; distributed.die_with_parent(1); import time; time.sleep(600)"
+    proc = subprocess.run([sys.executable, "-c", child], cwd=ROOT, timeout=60)
+    assert proc.returncode == -signal.SIGKILL  # our parent is not pid 1: as if it had died before the call

@@ -264,7 +264,7 @@ def _assert_close(a: Any, b: Any, where: str = "") -> None:
         for key in a:
             _assert_close(a[key], b[key], f"{where}.{key}")
     elif isinstance(a, float):
-        assert math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-12), f"{where}: {a} != {b}"
+        assert math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-12), f"{where}: {a} != {b}"  # float32 across batchings
     else:
         assert a == b, where
 

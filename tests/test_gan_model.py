@@ -205,7 +205,7 @@ def test_generate_images_is_deterministic_in_range_and_keeps_mode() -> None:
     b = generate_images(g, labels, seed=3, batch_size=5, device="cpu")
     assert a.shape == (5, 3, 16, 16) and a.dtype == torch.float32
     assert a.min() >= 0 and a.max() <= 1
-    assert torch.allclose(a, b, atol=1e-6)  # eval mode: a sample does not depend on its batch
+    assert torch.allclose(a, b, atol=1e-5)  # eval mode: a sample does not depend on its batch (float32 batchings)
     assert not torch.allclose(a, generate_images(g, labels, seed=4, batch_size=5, device="cpu"))
     assert g.training
 

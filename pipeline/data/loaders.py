@@ -39,6 +39,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.data import storage
 from pipeline.data.shards import MEMBERS, ShardError, check_shard_files, load_manifest, shard_entries
+from pipeline.distributed import die_with_parent
 
 Kind = Literal["patches", "mosaics"]
 SHUFFLE_BUFFER, SHUFFLE_INITIAL = 500, 100  # samples held; samples read before the first one is yielded
@@ -284,7 +285,7 @@ def train_batches(
         num_workers=num_workers,
         persistent_workers=False,
         generator=torch.Generator().manual_seed(seed),  # leave the caller's global torch RNG untouched
-        worker_init_fn=_own_process_group,
+        worker_init_fn=partial(_init_worker, parent=os.getpid()),
     )
 
 
@@ -323,12 +324,13 @@ def train_stream(
         epoch, skip = epoch + 1, 0
 
 
-def _own_process_group(worker_id: int) -> None:
+def _init_worker(worker_id: int, parent: int) -> None:
     """A stop signal sent to the job's process group (Ctrl-C, ``kill -TERM -PGID``) is the trainer's to handle
     (checkpoint, exit 143): in its own group a worker does not get it, so the main process does not fail with
     "DataLoader worker killed" before it can save. Workers still stop with their DataLoader (it signals them
-    by pid) and exit when the main process dies (their watchdog)."""
+    by pid) and die at once with the main process (``parent``), even in the middle of a batch."""
     os.setpgid(0, 0)
+    die_with_parent(parent)
 
 
 def eval_batches(
