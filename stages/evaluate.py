@@ -53,12 +53,15 @@ def _require(paths: list[Path]) -> None:
             raise UserError(f"{path}: not found (run the stages before evaluate: dvc repro)")
 
 
-def _log(cfg: config.Config, model_dir: Path, metrics: dict[str, Any], files: list[Path]) -> None:
+def _log(
+    cfg: config.Config, model_dir: Path, metrics: dict[str, Any], files: list[Path], shards: Path, kind: str
+) -> None:
+    """The test metrics, files and the test split of ``kind`` (the evaluation dataset) into the model's training run."""
     run_id = read_run_json(model_dir).get("run_id")
     if not isinstance(run_id, str):
         raise UserError(f"{model_dir / 'run.json'}: no run_id")
     try:
-        log_run_metrics(cfg, run_id, mlflow_metrics(metrics), files)
+        log_run_metrics(cfg, run_id, mlflow_metrics(metrics), files, shards=shards, kind=kind)
     except UserError:
         raise
     except Exception as exc:  # MlflowException for an unknown run, connection errors for a server
@@ -96,8 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write_json(metrics_dir / "segmenter.json", seg_metrics)
         gan_files = plots.write_gan_plots(plots_dir, gan["plots"])
         seg_files = plots.write_segmenter_plots(plots_dir, seg["plots"])
-        _log(cfg, gan_dir, gan_metrics, [metrics_dir / "gan.json", *gan_files])
-        _log(cfg, seg_dir, seg_metrics, [metrics_dir / "segmenter.json", *seg_files])
+        _log(cfg, gan_dir, gan_metrics, [metrics_dir / "gan.json", *gan_files], shards, "patches")
+        _log(cfg, seg_dir, seg_metrics, [metrics_dir / "segmenter.json", *seg_files], shards, "mosaics")
     base = gan_metrics["baselines"]
     print(
         f"GAN: FID {gan_metrics['fid']:.4g} (untrained {base['fid_untrained']:.4g}, real {base['fid_real']:.4g}), "

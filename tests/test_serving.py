@@ -4,6 +4,7 @@ helpers, ``mlflow models serve`` over HTTP, and what the MLflow UI shows (REST +
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from PIL import Image
 
 from pipeline import config, registry, serving
 from pipeline.models.unet import load_segmenter
+from pipeline.tracking import RunLogger, file_sha256
 
 pytest.register_assert_rewrite("tests.mlflow_server")  # imported here before pytest_plugins loads it
 from tests.mlflow_server import (  # noqa: E402
@@ -181,6 +183,12 @@ def test_ui_and_its_api_show_the_champion(
     assert "train_segmenter" in {r["info"]["run_name"] for r in runs}
 
 
+def _visible_text(dom: str) -> str:
+    """The text a user reads in a dumped DOM: no scripts or styles, tags as spaces, whitespace collapsed."""
+    dom = re.sub(r"<(script|style)\b.*?</\1>", " ", dom, flags=re.S)
+    return " ".join(re.sub(r"<[^>]+>", " ", dom).split())
+
+
 def _chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
@@ -188,9 +196,16 @@ def _chromium() -> str | None:
 @pytest.mark.slow
 @pytest.mark.skipif(_chromium() is None, reason="no chromium on this machine (.ci/run installs Debian's chromium)")
 def test_ui_in_headless_chromium(
-    tiny_cfg: config.Config, tracking_server: MlflowServer, fake_training: FakeTraining, tmp_path: Path
+    tiny_cfg: config.Config,
+    tracking_server: MlflowServer,
+    fake_training: FakeTraining,
+    tiny_shards: Path,
+    tmp_path: Path,
 ) -> None:
     register_segmenter(tiny_cfg, fake_training)
+    training = RunLogger(tiny_cfg, "train_gan", enabled=True)  # as the training loop logs it
+    training.start({"gan.steps": 4}, {}, shards=tiny_shards, kind="patches")
+    training.end()
     browser = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"]
     browser += [f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,900", "--virtual-time-budget=20000"]
 
@@ -206,6 +221,13 @@ def test_ui_in_headless_chromium(
     experiment_id = registry.connect(tiny_cfg)[0].get_experiment_by_name(tiny_cfg.mlflow.experiment).experiment_id
     dom = render(f"experiments/{experiment_id}/runs", "--dump-dom")
     assert tiny_cfg.mlflow.experiment in dom and "train_segmenter" in dom
+    # MLflow 3.18 picks the view by its GenAI | Model training switch (this URL parameter, or the
+    # user's last choice); older 3.x UIs by the experiment's mlflow.experimentKind tag.
+    page = _visible_text(render(f"experiments/{experiment_id}?workflowType=machine_learning", "--dump-dom"))
+    assert page.startswith("Runs - Experiment") and "Send your first trace" not in page  # not the GenAI overview
+    row = page[page.index("train_gan") :]
+    digest = file_sha256(tiny_shards / "manifest.json")[:16]
+    assert row.index(f"patches/train ({digest}) training") < row.index("train_gan.py")  # Dataset, then Source
     screenshot = tmp_path / "model-page.png"
     render(f"models/{SEG}", f"--screenshot={screenshot}")
     with Image.open(screenshot) as shot:
