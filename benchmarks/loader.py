@@ -1,4 +1,12 @@
-"""Loader throughput: WebDataset shards vs one PNG file per sample, warm and cold page cache, side by side.
+"""Loader throughput: the shard encodings against bare PNG decoding, and shards against one PNG file per sample.
+
+First table (``run_encodings``), in process (no DataLoader workers), warm page cache, one core: the bare PIL
+decode rate of the train patches' PNG bytes (held in memory: nothing else is done), the training loader
+(``train_batches``) over ``data.encoding: png`` shards and over ``raw`` shards of the same patches (both
+give the same tensors), their ratios and the bytes each encoding takes on disk. Target (GitHub issue 23):
+the raw loader >= 5x the bare PNG decode rate.
+
+Second table (``run``), PNG shards against per-sample PNG files:
 
 Builds a patch dataset in a temp dir (7200 train patches by default, in shards of ``data.shard_max_samples``)
 and writes the same train patches out as one PNG file each. Both loaders decode and batch with the same
@@ -13,7 +21,8 @@ ratios.
 
     .venv/bin/python benchmarks/loader.py [--batch-size 64] [--workers 1] [--repeats 3] [--dir DIR]
 
-``run(...) -> dict`` does the same without printing (``report(result)`` formats it).
+``run_encodings(...)`` and ``run(...) -> dict`` do the same without printing (``report_encodings`` and
+``report`` format them).
 
 Caveats, both in the per-file loader's favour for the cold case: eviction drops file data only, so file
 names and inodes stay cached (a truly cold per-file pass also reads those); and the training stream draws
@@ -24,6 +33,7 @@ shards with replacement, so a shard drawn twice in a pass is read from storage o
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import statistics
 import tempfile
@@ -32,7 +42,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
 
 from pipeline import config
@@ -55,6 +67,8 @@ DATASET = {
 LOADERS = ("webdataset", "per-file")
 CACHES = ("warm", "cold")
 TARGET = 3.0  # GitHub issue 3: webdataset samples/s >= 3x the per-file loader's
+ENCODING_TARGET = 5.0  # GitHub issue 23: raw-shard loader samples/s >= 5x the bare PNG decode rate
+ENCODING_PATHS = ("bare PNG decode", "loader png", "loader raw")
 
 
 class PngFolder(Dataset):
@@ -120,6 +134,96 @@ def timed_pass(batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> tuple[fl
     return seen / seconds, (storage_read_bytes() - read) / 1e6
 
 
+def bare_decode(pngs: list[bytes]) -> float:
+    """Samples/s of decoding ``pngs`` with PIL into uint8 arrays, nothing else."""
+    start = time.perf_counter()
+    for data in pngs:
+        with Image.open(io.BytesIO(data), formats=("PNG",)) as im:
+            np.asarray(im)
+    return len(pngs) / (time.perf_counter() - start)
+
+
+def shard_bytes(shard_dir: Path) -> int:
+    """Bytes of every shard of a shard root."""
+    return sum(p.stat().st_size for p in shard_dir.glob("*/*.tar"))
+
+
+def run_encodings(batch_size: int = 64, repeats: int = 5, directory: Path | None = None) -> dict[str, Any]:
+    """Bare PNG decoding against the in-process training loader over png and raw shards of the same patches.
+
+    Returns ``samples_per_s`` ({path: median}), ``runs`` ({path: [samples/s per repeat]}), ``ratio``
+    (``raw/bare``, ``raw/png``, ``png/bare``), ``bytes`` ({encoding: bytes of all shards}), ``train_bytes``
+    ({encoding: bytes of the train patch shards}), ``target`` and the settings.
+    """
+    torch.set_num_threads(1)  # one core, as the bare decode
+    with tempfile.TemporaryDirectory(prefix="loader-enc-", dir=directory) as tmp:
+        roots = {enc: Path(tmp) / enc for enc in ("png", "raw")}
+        for enc, root in roots.items():
+            prepare_dataset(config.load(ROOT / "params.yaml", DATASET | {"data.encoding": enc}), root, progress=False)
+        entries = load_manifest(roots["png"])["splits"]["train"]["patches"]["shards"]
+        pngs = [s["png"] for e in entries for s in tar_samples(roots["png"] / e["file"])]
+        batches = len(pngs) // batch_size
+
+        def loader(enc: str, r: int) -> float:
+            batches_ = train_batches(
+                roots[enc], "patches", "train", batch_size, batches,
+                rank=0, world_size=1, num_workers=0, seed=r, epoch=r,
+            )  # fmt: skip
+            return timed_pass(batches_)[0]
+
+        timers = {
+            "bare PNG decode": lambda r: bare_decode(pngs),
+            "loader png": lambda r: loader("png", r),
+            "loader raw": lambda r: loader("raw", r),
+        }
+        runs: dict[str, list[float]] = {path: [] for path in ENCODING_PATHS}
+        for r in range(repeats):
+            for path in ENCODING_PATHS if r % 2 == 0 else ENCODING_PATHS[::-1]:
+                runs[path].append(timers[path](r))
+        size = {enc: shard_bytes(root) for enc, root in roots.items()}
+        train = {
+            enc: sum(e["bytes"] for e in load_manifest(root)["splits"]["train"]["patches"]["shards"])
+            for enc, root in roots.items()
+        }
+    rates = {path: statistics.median(v) for path, v in runs.items()}
+    bare, png, raw = (rates[path] for path in ENCODING_PATHS)
+    return {
+        "samples": len(pngs),
+        "patch_size": DATASET["data.patch_size"],
+        "batch_size": batch_size,
+        "repeats": repeats,
+        "samples_per_s": rates,
+        "runs": runs,
+        "ratio": {"raw/bare": raw / bare, "raw/png": raw / png, "png/bare": png / bare},
+        "bytes": size,
+        "train_bytes": train,
+        "target": ENCODING_TARGET,
+    }
+
+
+def report_encodings(result: dict[str, Any]) -> str:
+    """The encoding table and its ratio line."""
+    lines = [
+        f"{result['samples']} train patches of {result['patch_size']}px, batch {result['batch_size']}, in process "
+        f"on one core, warm cache, median of {result['repeats']} interleaved repeats",
+        f"{'path':<16} {'samples/s':>9}  runs",
+    ]
+    for path in ENCODING_PATHS:
+        runs = ", ".join(f"{v:.0f}" for v in result["runs"][path])
+        lines.append(f"{path:<16} {result['samples_per_s'][path]:9.0f}  {runs}")
+    size, train, n = result["bytes"], result["train_bytes"], result["samples"]
+    lines.append(
+        "on disk: "
+        + ", ".join(f"{enc} {size[enc] / 1e6:.1f} MB ({train[enc] / n:.0f} B per train patch)" for enc in size)
+    )
+    ratio = result["ratio"]
+    lines.append(
+        f"ratio raw/bare {ratio['raw/bare']:.2f}x (target >= {result['target']:.0f}x), "
+        f"raw/png {ratio['raw/png']:.2f}x, png/bare {ratio['png/bare']:.2f}x"
+    )
+    return "\n".join(lines)
+
+
 def run(batch_size: int = 64, workers: int = 1, repeats: int = 3, directory: Path | None = None) -> dict[str, Any]:
     """Benchmark both loaders in a temp dir under ``directory`` (default: the system's temp dir).
 
@@ -127,7 +231,7 @@ def run(batch_size: int = 64, workers: int = 1, repeats: int = 3, directory: Pat
     ({cache: {loader: median}}), ``runs`` ({cache: {loader: [samples/s per repeat]}}), ``target`` and the
     settings (``samples``, ``patch_size``, ``shards``, ``batch_size``, ``workers``, ``repeats``).
     """
-    cfg = config.load(ROOT / "params.yaml", DATASET)
+    cfg = config.load(ROOT / "params.yaml", DATASET | {"data.encoding": "png"})  # PNG shards against PNG files
     with tempfile.TemporaryDirectory(prefix="loader-bench-", dir=directory) as tmp:
         shard_dir, png_dir = Path(tmp) / "shards", Path(tmp) / "pngs"
         prepare_dataset(cfg, shard_dir, progress=False)
@@ -202,6 +306,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dir", type=Path, default=None, help="where to build the dataset (a real disk)")
     ns = parser.parse_args()
+    print(report_encodings(run_encodings(ns.batch_size, max(ns.repeats, 5), ns.dir)), flush=True)
+    print()
     print(report(run(ns.batch_size, ns.workers, ns.repeats, ns.dir)))
 
 

@@ -74,6 +74,8 @@ class DataConfig:
     augment: AugmentConfig
     shard_max_samples: int = _positive()
     min_shards: int = _positive()
+    encoding: Literal["png", "raw"]
+    workers: int = _non_negative()
 
 
 @dataclass(frozen=True)
@@ -178,7 +180,6 @@ class RegisterConfig:
 class MlflowConfig:
     tracking_uri: str = _check(lambda v: bool(v), "a non-empty URI")
     experiment: str = _check(lambda v: bool(v), "a non-empty name")
-    system_metrics: bool
 
 
 @dataclass(frozen=True)

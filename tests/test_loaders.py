@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import shutil
 from functools import partial
@@ -14,18 +15,39 @@ import pytest
 import torch
 import webdataset as wds
 
+from pipeline import config
 from pipeline.data.loaders import (
     RankShards,
     _expand,
     _plain_members,
+    _Shards,
     _shuffle,
     decode_batch,
     eval_batches,
     train_batches,
     train_stream,
 )
-from pipeline.data.shards import ShardError, decode_png, encode_png, load_manifest, tar_samples
+from pipeline.data.shards import ShardError, decode_png, encode_png, load_manifest, prepare_dataset, tar_samples
 from pipeline.errors import UserError
+from tests.conftest import write_params
+
+
+def _build(factory: pytest.TempPathFactory, encoding: str) -> Path:
+    base = factory.mktemp(encoding)
+    prepare_dataset(config.load(write_params(base, {"data.encoding": encoding})), base / "shards", progress=False)
+    return base / "shards"
+
+
+@pytest.fixture(scope="module")
+def tiny_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny dataset in the png encoding (most tests here read or damage its PNG members)."""
+    return _build(tmp_path_factory, "png")
+
+
+@pytest.fixture(scope="module")
+def raw_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same dataset in the raw encoding."""
+    return _build(tmp_path_factory, "raw")
 
 
 def _train(shards: Path, **kw) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -96,6 +118,49 @@ def test_train_stream_runs_epoch_after_epoch_and_resumes_mid_epoch(tiny_shards: 
     assert _same(straight[4:], stream(4))  # resumed inside the second epoch
 
 
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_both_encodings_give_the_same_training_batches(tiny_shards: Path, raw_shards: Path, num_workers: int) -> None:
+    for kind in ("patches", "mosaics"):
+        args = {"kind": kind, "rank": 1, "world_size": 2, "num_workers": num_workers, "batches_per_epoch": 7}
+        png, raw = _train(tiny_shards, **args), _train(raw_shards, **args)
+        assert len(png) == 7 and _same(png, raw)
+        assert all(x.dtype == torch.float32 and y.dtype == torch.int64 for x, y in raw)
+    stream = partial(train_stream, kind="patches", batch_size=8, batches_per_epoch=3, rank=0, world_size=1)
+    png = list(islice(stream(tiny_shards, num_workers=num_workers, seed=5, start=2), 5))
+    assert _same(png, list(islice(stream(raw_shards, num_workers=num_workers, seed=5, start=2), 5)))
+
+
+@pytest.mark.parametrize(("kind", "split"), [("patches", "test"), ("mosaics", "val")])
+def test_both_encodings_give_the_same_eval_batches(tiny_shards: Path, raw_shards: Path, kind: str, split: str) -> None:
+    for rank in range(2):
+        png = list(eval_batches(tiny_shards, kind, split, 4, rank=rank, world_size=2))
+        assert len(png) > 1 and _same(png, list(eval_batches(raw_shards, kind, split, 4, rank=rank, world_size=2)))
+
+
+def test_a_raw_block_of_the_wrong_size_is_a_user_error_naming_it(raw_shards: Path, tmp_path: Path) -> None:
+    from pipeline.data.shards import npy_bytes
+
+    data = tmp_path / "shards"
+    shutil.copytree(raw_shards, data)
+    shard = data / load_manifest(data)["splits"]["val"]["mosaics"]["shards"][0]["file"]
+    (block,) = tar_samples(shard)
+    # 20 mosaics of 16px instead of 5 of 32px: the same bytes, so only the decoded block can tell
+    block["images.npy"] = npy_bytes(np.zeros((20, 16, 16, 3), np.uint8))
+    block["masks.npy"] = npy_bytes(np.zeros((20, 16, 16), np.uint8))
+    block["keys.json"] = json.dumps([f"{i:06d}" for i in range(20)])
+    with wds.TarWriter(str(shard), mtime=0) as writer:
+        writer.write(block)
+    with pytest.raises(UserError, match=rf"^{shard}: block 000000: cannot decode \(images are 16px, the manifest"):
+        list(eval_batches(data, "mosaics", "val", 4, rank=0, world_size=1))
+
+
+def test_pinned_batches_need_a_cuda_device_and_equal_the_plain_ones(raw_shards: Path) -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("pinned memory needs CUDA")
+    pinned = _train(raw_shards, pin_memory=True)
+    assert all(x.is_pinned() and y.is_pinned() for x, y in pinned) and _same(pinned, _train(raw_shards))
+
+
 def test_workers_are_deterministic_and_leave_the_global_rng_alone(tiny_shards: Path) -> None:
     state = torch.get_rng_state()
     first = _train(tiny_shards, num_workers=1, batches_per_epoch=3)
@@ -161,7 +226,7 @@ def test_any_tar_reads_like_a_plain_shard(tiny_shards: Path, tmp_path: Path) -> 
     assert _plain_members(long_names.read_bytes()) is None and _plain_members(gzipped.read_bytes()) is None
     for path, written in cases.items():
         url = str(path)
-        got = list(_expand([{"url": url}], {url: {"samples": len(written)}}))
+        got = list(_expand([{"url": url}], _Shards([url], {url: {"samples": len(written)}}, "mosaics", "png", 32)))
         assert got == [{"__url__": url, **sample} for sample in written]
 
 

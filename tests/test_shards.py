@@ -14,8 +14,10 @@ import pytest
 from pipeline import config
 from pipeline.data.shards import (
     MANIFEST,
+    decode_block,
     decode_png,
     load_manifest,
+    npy_bytes,
     prepare_dataset,
     shard_ranges,
     tar_samples,
@@ -23,7 +25,25 @@ from pipeline.data.shards import (
 )
 from pipeline.data.sources import SPLITS
 from pipeline.errors import UserError
-from tests.conftest import TINY
+from tests.conftest import TINY, write_params
+
+
+def _build(factory: pytest.TempPathFactory, encoding: str) -> Path:
+    base = factory.mktemp(encoding)
+    prepare_dataset(config.load(write_params(base, {"data.encoding": encoding})), base / "shards", progress=False)
+    return base / "shards"
+
+
+@pytest.fixture(scope="module")
+def tiny_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny dataset in the png encoding (these tests read its PNG members)."""
+    return _build(tmp_path_factory, "png")
+
+
+@pytest.fixture(scope="module")
+def raw_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same dataset in the raw encoding."""
+    return _build(tmp_path_factory, "raw")
 
 
 def _digests(directory: Path) -> dict[str, str]:
@@ -39,21 +59,51 @@ def _plain_tar_members(path: Path) -> list[str]:
         return [m.name for m in tar.getmembers()]
 
 
-def test_prepare_is_byte_identical_and_removes_stale_shards(tiny_shards: Path, tiny_cfg, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("encoding", "workers"), [("png", 1), ("png", 2), ("raw", 1), ("raw", 2)])
+def test_prepare_is_byte_identical_at_any_worker_count_and_removes_stale_shards(
+    tiny_shards: Path, raw_shards: Path, tiny_params, tmp_path: Path, encoding: str, workers: int
+) -> None:
     out = tmp_path / "again"
     stale = out / "patches" / "train-000099.tar"
     stale.parent.mkdir(parents=True)
     stale.write_bytes(b"left over from a previous run")
-    prepare_dataset(tiny_cfg, out, progress=False)
+    prepare_dataset(config.load(tiny_params({"data.encoding": encoding, "data.workers": workers})), out, progress=False)
     assert not stale.exists()
-    assert _digests(out) == _digests(tiny_shards)
+    assert _digests(out) == _digests(tiny_shards if encoding == "png" else raw_shards)  # the temp stores are gone
     assert len(_digests(out)) > 10
+
+
+def test_encodings_differ_only_in_their_members(tiny_shards: Path, raw_shards: Path) -> None:
+    png, raw = load_manifest(tiny_shards), load_manifest(raw_shards)
+    assert (png["encoding"], raw["encoding"]) == ("png", "raw")
+    for key in ("classes", "sources", "skipped", "seed"):
+        assert png[key] == raw[key]
+    assert {k: v for k, v in png["params"].items() if k != "encoding"} == {
+        k: v for k, v in raw["params"].items() if k != "encoding"
+    }
+    for split in SPLITS:
+        for kind in ("patches", "mosaics"):
+            png_shards, raw_shards_ = png["splits"][split][kind]["shards"], raw["splits"][split][kind]["shards"]
+            assert [(s["file"], s["samples"]) for s in png_shards] == [(s["file"], s["samples"]) for s in raw_shards_]
+            for a, b in zip(png_shards, raw_shards_, strict=True):
+                samples = list(tar_samples(tiny_shards / a["file"]))
+                (block,) = tar_samples(raw_shards / b["file"])
+                images, targets, keys = decode_block(block, kind)
+                assert keys == [s["__key__"] for s in samples] and block["__key__"] == keys[0][:6]
+                assert np.array_equal(images, np.stack([decode_png(s["png"], "RGB") for s in samples]))
+                if kind == "patches":
+                    assert targets.tolist() == [int(s["cls"]) for s in samples]
+                else:
+                    assert np.array_equal(targets, np.stack([decode_png(s["mask.png"], "L") for s in samples]))
+                    assert json.loads(block["info.json"]) == [json.loads(s["json"]) for s in samples]
 
 
 def test_manifest_shape_and_params(tiny_shards: Path, tiny_cfg) -> None:
     manifest = load_manifest(tiny_shards)
     assert manifest["classes"] == TINY["data.classes"]
-    assert manifest["params"] == config.to_dict(tiny_cfg.data)
+    expected = {k: v for k, v in config.to_dict(tiny_cfg.data).items() if k != "workers"}  # not a shard property
+    assert manifest["params"] == expected | {"encoding": "png"}
+    assert manifest["encoding"] == "png"
     assert manifest["skipped"] == []
     assert set(manifest["splits"]) == set(SPLITS)
     for split in SPLITS:
@@ -137,12 +187,45 @@ def test_load_manifest_errors_name_the_file(tmp_path: Path) -> None:
     with pytest.raises(UserError, match=rf"{tmp_path / MANIFEST}: invalid manifest"):
         load_manifest(tmp_path)
     (tmp_path / MANIFEST).write_text(json.dumps({"classes": []}))
-    with pytest.raises(UserError, match=r"invalid manifest \(missing splits, params, sources, skipped\)"):
+    with pytest.raises(UserError, match=r"invalid manifest \(missing encoding, splits, params, sources, skipped\)"):
         load_manifest(tmp_path)
 
 
-def test_verify_shards_passes_on_good_data(tiny_shards: Path) -> None:
+def test_verify_shards_passes_on_good_data(tiny_shards: Path, raw_shards: Path) -> None:
     assert verify_shards(tiny_shards) == []
+    assert verify_shards(raw_shards) == []
+
+
+def _rewrite_block(path: Path, **members: bytes) -> None:
+    """Replace members of a raw shard's block (the tar rewritten as prepare writes it)."""
+    import webdataset as wds
+
+    (block,) = tar_samples(path)
+    with wds.TarWriter(str(path), mtime=0) as writer:
+        writer.write(block | members)
+
+
+def test_verify_shards_names_broken_raw_blocks(raw_shards: Path, tmp_path: Path) -> None:
+    data = tmp_path / "shards"
+    shutil.copytree(raw_shards, data)
+    label, shape, count = (data / "patches" / f"train-{j:06d}.tar" for j in range(3))
+    (block,) = tar_samples(label)
+    labels = np.frombuffer(block["labels.npy"][128:], np.int64).copy()
+    labels[0] = 99
+    _rewrite_block(label, **{"labels.npy": npy_bytes(labels)})
+    _rewrite_block(shape, **{"images.npy": npy_bytes(np.zeros((8, 8, 8, 3), np.uint8))})
+    (block,) = tar_samples(count)
+    _rewrite_block(count, **{"keys.json": b"[]"})
+    mask = data / "mosaics" / "val-000000.tar"
+    _rewrite_block(mask, **{"masks.npy": b"not an array"})
+
+    problems = verify_shards(data)
+    text = "\n".join(problems)
+    assert f"{label}: sample 000000: class index out of range" in problems
+    assert f"{shape}: sample " in text and "images are 8px, expected 16px" in text
+    assert f"{count}: sample " in text and "keys.json does not hold 8 keys" in text
+    assert f"{mask}: sample 000000: " in text
+    assert all("\n" not in p for p in problems)
 
 
 def test_verify_shards_names_every_broken_file(tiny_shards: Path, tmp_path: Path) -> None:

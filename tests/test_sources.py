@@ -133,6 +133,38 @@ def test_folder_source_skips_bad_files_and_counts_them(tmp_path: Path, tiny_para
     assert json.loads((tmp_path / "shards" / "manifest.json").read_text())["skipped"] == manifest["skipped"]
 
 
+@pytest.mark.parametrize("encoding", ["png", "raw"])
+def test_folder_source_prepares_the_same_bytes_in_one_and_two_processes(
+    tmp_path: Path, tiny_params, encoding: str
+) -> None:
+    root = tmp_path / "dtd"
+    _write_tree(root, {"banded": 5, "bubbly": 4, "cracked": 4})
+    (root / "images" / "bubbly" / "notes.txt").write_text("not an image\n")
+    outs = [tmp_path / f"w{w}" for w in (1, 2)]
+    for w, out in zip((1, 2), outs, strict=True):
+        cfg = _folder_cfg(tiny_params, root, **{"data.workers": w, "data.encoding": encoding})
+        manifest = prepare_dataset(cfg, out, progress=False)
+        assert [Path(s["file"]).name for s in manifest["skipped"]] == ["notes.txt"]
+    files = sorted(p.relative_to(outs[0]) for p in outs[0].rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(outs[1]) for p in outs[1].rglob("*") if p.is_file()) and len(files) > 10
+    assert all((outs[0] / f).read_bytes() == (outs[1] / f).read_bytes() for f in files)
+
+
+def test_load_sources_through_a_process_pool_equals_in_process(tiny_cfg) -> None:
+    import multiprocessing
+
+    with multiprocessing.get_context("fork").Pool(2) as pool:
+        pooled = load_sources(tiny_cfg.data, tiny_cfg.seed, pool.imap)
+    alone = load_sources(tiny_cfg.data, tiny_cfg.seed)
+    for split in SPLITS:
+        assert [(s.id, s.label, s.row) for s in pooled.splits[split]] == [
+            (s.id, s.label, s.row) for s in alone.splits[split]
+        ]
+        assert all(
+            np.array_equal(a.image, b.image) for a, b in zip(pooled.splits[split], alone.splits[split], strict=True)
+        )
+
+
 def test_folder_images_are_square_rgb_of_source_size(tmp_path: Path, tiny_params) -> None:
     _write_tree(tmp_path, {"a": 3, "b": 3})
     sources = load_sources(_folder_cfg(tiny_params, tmp_path).data, 0)

@@ -9,19 +9,21 @@ removing a class leaves the other classes' textures and splits unchanged.
 from __future__ import annotations
 
 import colorsys
+import functools
 import math
 import sys
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
 from scipy import ndimage
 
 from pipeline.config import DataConfig
-from pipeline.errors import UserError
+from pipeline.errors import UserError, one_line
 
 SPLITS = ("train", "val", "test")
 PROCEDURAL = ("stripes", "checker", "dots", "noise", "cells", "wood", "weave")
@@ -36,6 +38,19 @@ class SourceImage:
     id: str
     label: int
     image: np.ndarray = field(repr=False)
+    row: int = 0  # position in load order (prepare's row of it in the on-disk source store)
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """One source instance before loading: ``id``, class ``label`` and ``name``, builtin instance ``index``
+    (folder: position in its class folder) and, for the folder source, the file ``path``."""
+
+    id: str
+    label: int
+    name: str
+    index: int
+    path: str = ""
 
 
 @dataclass(frozen=True)
@@ -228,12 +243,6 @@ def procedural_texture(name: str, rng: np.random.Generator, size: int) -> np.nda
 # ---------------------------------------------------------------- scikit-image photos
 
 
-def _photo(name: str) -> np.ndarray:
-    import skimage.data
-
-    return getattr(skimage.data, name)()
-
-
 def photo_tile(gray: np.ndarray, instance: int, count: int, size: int, rng: np.random.Generator) -> np.ndarray:
     """Tile ``instance`` of a ceil(sqrt(count))^2 grid over ``gray`` (disjoint tiles), resized and tinted."""
     grid = math.ceil(math.sqrt(count))
@@ -282,17 +291,6 @@ def _split(instances: list[SourceImage], name: str, data: DataConfig, seed: int)
     return {split: sorted(items, key=lambda s: s.id) for split, items in parts.items()}
 
 
-def _builtin_class(name: str, label: int, data: DataConfig, seed: int) -> list[SourceImage]:
-    n, size = data.instances_per_class, data.source_size
-    gray = _photo(name) if name in PHOTOS else None
-    out = []
-    for k in range(n):
-        rng = rng_for(seed, name, k, "source")
-        image = procedural_texture(name, rng, size) if gray is None else photo_tile(gray, k, n, size, rng)
-        out.append(SourceImage(f"{name}/{k:04d}", label, image))
-    return out
-
-
 def _read_image(path: Path, size: int) -> np.ndarray:
     """RGB, short side resized to ``size``, centre-cropped to ``size`` x ``size``."""
     with Image.open(path) as im:
@@ -319,45 +317,87 @@ def _folder_classes(root: Path) -> tuple[str, ...]:
     return names
 
 
-def _folder_class(root: Path, name: str, label: int, size: int, skipped: list[dict[str, str]]) -> list[SourceImage]:
-    directory = root / name
-    files = sorted(p for p in directory.iterdir() if p.is_file() and not p.name.startswith("."))
-    if not files:
-        raise UserError(f"data.folder: {directory}: empty class folder")
-    out = []
-    for path in files:
-        try:
-            image = _read_image(path, size)
-        except (OSError, ValueError, Image.DecompressionBombError) as exc:
-            reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
-            print(f"warning: {path}: skipped ({reason})", file=sys.stderr)
-            skipped.append({"file": str(path), "reason": reason})
-            continue
-        out.append(SourceImage(f"{name}/{path.name}", label, image))
-    if len(out) < len(SPLITS):
-        raise UserError(
-            f"data.folder: {directory}: {len(out)} readable image(s); need at least {len(SPLITS)} (one per split)"
-        )
-    return out
-
-
-def load_sources(data: DataConfig, seed: int) -> SourceSet:
-    """Every source instance of the selected classes, split into train/val/test by instance."""
-    skipped: list[dict[str, str]] = []
+def source_specs(data: DataConfig) -> tuple[tuple[str, ...], list[SourceSpec]]:
+    """Class names (index order) and every source instance to load, in load order; nothing is read yet."""
     if data.source == "builtin":
         classes = _select(data.classes, BUILTIN_CLASSES, "data.classes")
+        specs = [
+            SourceSpec(f"{name}/{k:04d}", label, name, k)
+            for label, name in enumerate(classes)
+            for k in range(data.instances_per_class)
+        ]
+        return classes, specs
+    root = folder_root(data.folder)
+    classes = _select(data.classes, _folder_classes(root), f"data.classes (folder {root})")
+    specs = []
+    for label, name in enumerate(classes):
+        directory = root / name
+        files = sorted(p for p in directory.iterdir() if p.is_file() and not p.name.startswith("."))
+        if not files:
+            raise UserError(f"data.folder: {directory}: empty class folder")
+        specs += [SourceSpec(f"{name}/{path.name}", label, name, k, str(path)) for k, path in enumerate(files)]
+    return classes, specs
 
-        def instances(name: str, label: int) -> list[SourceImage]:
-            return _builtin_class(name, label, data, seed)
-    else:
-        root = folder_root(data.folder)
-        classes = _select(data.classes, _folder_classes(root), f"data.classes (folder {root})")
 
-        def instances(name: str, label: int) -> list[SourceImage]:
-            return _folder_class(root, name, label, data.source_size, skipped)
+@functools.lru_cache(maxsize=len(PHOTOS))
+def _photo(name: str) -> np.ndarray:
+    import skimage.data
 
+    return getattr(skimage.data, name)()
+
+
+def load_source(spec: SourceSpec, data: DataConfig, seed: int) -> np.ndarray | str:
+    """The instance's (S, S, 3) uint8 image; for an unreadable folder file, why it was skipped."""
+    size = data.source_size
+    if not spec.path:
+        rng = rng_for(seed, spec.name, spec.index, "source")
+        if spec.name in PHOTOS:
+            return photo_tile(_photo(spec.name), spec.index, data.instances_per_class, size, rng)
+        return procedural_texture(spec.name, rng, size)
+    try:
+        return _read_image(Path(spec.path), size)
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        return f"{type(exc).__name__}: {one_line(exc)}"
+
+
+def readable_sources(
+    specs: list[SourceSpec], images: Iterable[np.ndarray | str], skipped: list[dict[str, str]]
+) -> Iterator[tuple[int, SourceSpec, np.ndarray]]:
+    """(row, spec, image) of each loaded instance; a skipped file is warned about and appended to ``skipped``."""
+    for row, (spec, image) in enumerate(zip(specs, images, strict=True)):
+        if isinstance(image, str):
+            print(f"warning: {spec.path}: skipped ({image})", file=sys.stderr)
+            skipped.append({"file": spec.path, "reason": image})
+            continue
+        yield row, spec, image
+
+
+def split_sources(
+    sources: list[SourceImage], classes: tuple[str, ...], data: DataConfig, seed: int
+) -> dict[str, list[SourceImage]]:
+    """The instances of each class split into train/val/test by instance (each split sorted by id)."""
     splits: dict[str, list[SourceImage]] = {s: [] for s in SPLITS}
     for label, name in enumerate(classes):
-        for split, items in _split(instances(name, label), name, data, seed).items():
+        instances = [s for s in sources if s.label == label]
+        if len(instances) < len(SPLITS):  # a folder with unreadable files (data.instances_per_class is >= 3)
+            raise UserError(
+                f"data.folder: {folder_root(data.folder) / name}: {len(instances)} readable image(s); "
+                f"need at least {len(SPLITS)} (one per split)"
+            )
+        for split, items in _split(instances, name, data, seed).items():
             splits[split].extend(items)
-    return SourceSet(classes, splits, skipped)
+    return splits
+
+
+def load_sources(data: DataConfig, seed: int, imap: Callable[..., Iterable[Any]] = map) -> SourceSet:
+    """Every source instance of the selected classes in memory, split into train/val/test by instance.
+
+    ``imap(function, specs)`` loads them (a process pool's ``imap`` loads them in parallel, in order).
+    """
+    classes, specs = source_specs(data)
+    skipped: list[dict[str, str]] = []
+    images = imap(functools.partial(load_source, data=data, seed=seed), specs)
+    sources = [
+        SourceImage(spec.id, spec.label, image, row) for row, spec, image in readable_sources(specs, images, skipped)
+    ]
+    return SourceSet(classes, split_sources(sources, classes, data, seed), skipped)
