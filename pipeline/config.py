@@ -180,6 +180,7 @@ class RegisterConfig:
 class MlflowConfig:
     tracking_uri: str = _check(lambda v: bool(v), "a non-empty URI")
     experiment: str = _check(lambda v: bool(v), "a non-empty name")
+    system_metrics: bool
 
 
 @dataclass(frozen=True)
