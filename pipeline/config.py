@@ -121,8 +121,36 @@ class GanConfig:
 
 
 @dataclass(frozen=True)
+@dataclass(frozen=True)
+class FcnConfig:
+    channels: int = _positive()
+    convs: int = _check(lambda v: 1 <= v <= 4, "an integer in [1, 4]")
+
+
+@dataclass(frozen=True)
+class DeepLabConfig:
+    channels: int = _positive()
+    blocks: int = _check(lambda v: 1 <= v <= 4, "an integer in [1, 4]")
+    output_stride: Literal[8, 16]
+
+
+@dataclass(frozen=True)
+class SegformerConfig:
+    dim: int = _positive()
+    blocks: int = _check(lambda v: 1 <= v <= 4, "an integer in [1, 4]")
+
+
+@dataclass(frozen=True)
+class RenetConfig:
+    channels: int = _positive()
+    hidden: int = _positive()
+    layers: int = _check(lambda v: 1 <= v <= 4, "an integer in [1, 4]")
+    cell: Literal["gru", "lstm"]
+
+
 class SegmenterConfig:
     channels: int = _check(lambda v: v > 0 and v % 4 == 0, "a positive multiple of 4")
+    arch: Literal["unet", "fcn", "deeplabv3", "segformer", "renet"]  # pipeline.models.segmenters.SEGMENTERS
     depth: int = _check(lambda v: 1 <= v <= 5, "an integer in [1, 5]")
     upsample: Literal["bilinear", "transpose"]
     decoder: Literal["concat", "add"]
@@ -145,6 +173,10 @@ class SegmenterConfig:
     log_every: int = _positive()
     checkpoint_every: int = _positive()
 
+    fcn: FcnConfig
+    deeplabv3: DeepLabConfig
+    segformer: SegformerConfig
+    renet: RenetConfig
 
 @dataclass(frozen=True)
 class EvaluateConfig:

@@ -11,13 +11,10 @@ from torch import nn
 
 from pipeline.checkpoint import CheckpointError
 from pipeline.distributed import SyncBatchNorm2d, convert_sync_batchnorm
-from pipeline.models.unet import (
-    TTA_VIEWS,
-    AtrousBottleneck,
-    UNet,
-    load_segmenter,
-    save_segmenter,
-)
+from pipeline.models.blocks import ASPP
+from pipeline.models.segmenter_base import TTA_VIEWS
+from pipeline.models.segmenters import load_segmenter, save_segmenter
+from pipeline.models.unet import UNet
 
 
 @pytest.mark.parametrize(
@@ -53,7 +50,7 @@ def test_widths_double_per_level_and_match_the_reference_size() -> None:
     assert shapes == [(1, 64, 16, 16)]
     assert 110_000 < sum(p.numel() for p in model.parameters()) < 125_000
     atrous = UNet(num_classes=8, channels=16, depth=3, dilated_bottleneck=True)
-    assert isinstance(atrous.bottleneck, AtrousBottleneck)
+    assert isinstance(atrous.bottleneck, ASPP)
     dilations = {m.dilation for m in atrous.bottleneck.modules() if isinstance(m, nn.Conv2d)}
     assert {(2, 2), (4, 4), (6, 6)} <= dilations
 
