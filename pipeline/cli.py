@@ -36,7 +36,7 @@ def _fid(ns: argparse.Namespace) -> int:
 
 
 def _generate(ns: argparse.Namespace) -> int:
-    from pipeline.serving import generate_to_folder
+    from pipeline.use import generate_to_folder
 
     written = generate_to_folder(ns.model_uri, ns.classes, ns.num, ns.seed, Path(ns.out))
     print(f"wrote {len(written)} images to {ns.out}")
@@ -44,7 +44,7 @@ def _generate(ns: argparse.Namespace) -> int:
 
 
 def _segment(ns: argparse.Namespace) -> int:
-    from pipeline.serving import segment_to_folder
+    from pipeline.use import segment_to_folder
 
     written = segment_to_folder(ns.model_uri, [Path(p) for p in ns.inputs], Path(ns.out))
     print(f"wrote {len(written)} masks to {ns.out}")

@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import colorsys
 import csv
 import io
 from collections.abc import Sequence
@@ -23,6 +22,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from pipeline.checkpoint import atomic_write_bytes, atomic_write_text
+from pipeline.images import colorize, palette, png_bytes
 
 GAN_SAMPLES = "gan_samples.png"
 CONFUSION_PNG = "confusion_matrix.png"
@@ -34,18 +34,6 @@ BACKGROUND = (255, 255, 255)
 INK = (0, 0, 0)
 GAP = 4
 FONT_SIZE = 12
-# matplotlib's tab10: distinct on screen and in print; more classes continue around the hue circle.
-TAB10 = [
-    (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
-    (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207),
-]  # fmt: skip
-
-
-def class_colours(n: int) -> np.ndarray:
-    """uint8 (n, 3) colours, one per class index."""
-    extra = [colorsys.hsv_to_rgb((i * 0.618034) % 1.0, 0.65, 0.9) for i in range(max(0, n - len(TAB10)))]
-    colours = TAB10[:n] + [tuple(round(255 * v) for v in rgb) for rgb in extra]
-    return np.asarray(colours, dtype=np.uint8).reshape(n, 3)
 
 
 def _font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
@@ -61,9 +49,7 @@ def _text_size(font: Any, text: str) -> tuple[int, int]:
 
 
 def _write_png(path: Path, image: Image.Image) -> Path:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_bytes(path, png_bytes(np.asarray(image)))
     return path
 
 
@@ -136,17 +122,12 @@ def confusion_image(classes: Sequence[str], matrix: Sequence[Sequence[int]], cel
     return canvas
 
 
-def colourise(mask: np.ndarray, colours: np.ndarray) -> np.ndarray:
-    """uint8 (H, W) class indices -> uint8 (H, W, 3) colours."""
-    return colours[mask]
-
-
 def segmentation_examples_image(
     classes: Sequence[str], images: np.ndarray, truth: np.ndarray, pred: np.ndarray, scale: int = 3
 ) -> Image.Image:
     """One row per mosaic: image | truth | prediction (class colours), and a legend of the colours."""
     font = _font()
-    colours = class_colours(len(classes))
+    colours = palette(len(classes))
     side = images.shape[1] * scale
     header = _text_size(font, "prediction")[1] + 2 * GAP
     swatch = _text_size(font, "Ag")[1] + 2
@@ -159,7 +140,7 @@ def segmentation_examples_image(
         draw.text((GAP + col * (side + GAP), GAP), title, fill=INK, font=font)
     for row in range(len(images)):
         y = header + row * (side + GAP)
-        panels = (images[row], colourise(truth[row], colours), colourise(pred[row], colours))
+        panels = (images[row], colorize(truth[row], len(classes)), colorize(pred[row], len(classes)))
         for col, panel in enumerate(panels):
             canvas.paste(_scaled(panel, scale), (GAP + col * (side + GAP), y))
     for i, name in enumerate(classes):

@@ -20,6 +20,7 @@ from pipeline import config, evaluation, plots
 from pipeline.data.loaders import eval_batches
 from pipeline.data.shards import load_manifest, prepare_dataset
 from pipeline.distributed import DistEnv
+from pipeline.images import palette
 from pipeline.models.features import TextureFeatureNet, load_feature_extractor, save_feature_extractor
 from pipeline.models.gan import Generator, save_generator
 from pipeline.models.unet import UNet, load_segmenter, save_segmenter
@@ -231,7 +232,7 @@ def test_plot_files(tmp_path: Path) -> None:
     for name in (plots.CONFUSION_PNG, plots.SEGMENTATION_EXAMPLES):
         with Image.open(tmp_path / name) as im:
             im.verify()
-    colours = plots.class_colours(25)
+    colours = palette(25)
     assert colours.shape == (25, 3) and len({tuple(c) for c in colours.tolist()}) == 25
 
 

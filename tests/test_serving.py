@@ -19,7 +19,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import config, registry, serving
+from pipeline import config, registry, serving, use
+from pipeline.images import palette
 from pipeline.models.unet import load_segmenter
 from pipeline.tracking import RunLogger, file_sha256
 
@@ -115,24 +116,27 @@ def test_generate_and_segment_to_folder(
 ) -> None:
     register_gan(tiny_cfg, fake_training)
     model_file = register_segmenter(tiny_cfg, fake_training)
-    generated = serving.generate_to_folder(f"models:/{GAN}@champion", ["dots", "0"], 2, 3, tmp_path / "gen")
+    generated = use.generate_to_folder(f"models:/{GAN}@champion", ["dots", "0"], 2, 3, tmp_path / "gen")
     names = ["dots_0000.png", "dots_0001.png", "stripes_0000.png", "stripes_0001.png"]
     assert [p.name for p in generated] == names
     expected = registry.load_pyfunc(f"models:/{GAN}@champion").predict(pd.DataFrame({"class": ["dots"], "seed": [4]}))
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "gen" / "dots_0001.png")), expected[0])
 
-    masks = serving.segment_to_folder(f"models:/{SEG}@champion", generated, tmp_path / "seg")
+    masks = use.segment_to_folder(f"models:/{SEG}@champion", generated, tmp_path / "seg")
     assert [p.name for p in masks] == [n.replace(".png", ".mask.png") for n in names]
     for image_path, mask_path in zip(generated, masks, strict=True):
         image = np.asarray(Image.open(image_path))
         with Image.open(mask_path) as mask:
             assert mask.mode == "L" and mask.size == (16, 16)
             np.testing.assert_array_equal(np.asarray(mask), local_masks(model_file, image[None])[0])
+            labels = np.asarray(mask)
         with Image.open(mask_path.with_name(mask_path.name.replace(".mask.", ".preview."))) as preview:
             assert preview.mode == "RGB" and preview.size == (32, 16)
+            np.testing.assert_array_equal(np.asarray(preview)[:, :16], image)
+            np.testing.assert_array_equal(np.asarray(preview)[:, 16:], palette(4)[labels])  # the DVC plots' colours
 
     with pytest.raises(serving.UnknownClassError, match="unknown class 'bricks'"):
-        serving.generate_to_folder(f"models:/{GAN}@champion", ["bricks"], 1, 0, tmp_path / "none")
+        use.generate_to_folder(f"models:/{GAN}@champion", ["bricks"], 1, 0, tmp_path / "none")
 
 
 @pytest.mark.slow
