@@ -6,7 +6,8 @@ the GAN: ``fid_ratio``, its FID over the untrained generator's FID in the same f
 depend on the extractor's scale, and minimum recall and diversity, so a collapsed generator never passes) *and* it
 beats the current champion on the same metric (for the GAN: FID from the same feature extractor; FIDs
 from different extractors are not comparable, so that comparison is skipped and the reason says so).
-A passing version becomes ``champion``, any other ``challenger``.
+A passing version becomes ``champion``, any other ``challenger``. Registering weights that are already
+registered judges their version again with the current thresholds and moves the aliases to match.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline import config
 from pipeline.config import Config, flatten
-from pipeline.errors import UserError
+from pipeline.errors import UserError, one_line
 from pipeline.serving import ARTIFACT
 from pipeline.tracking import (
     TAG_GIT_COMMIT,
@@ -114,11 +115,6 @@ def connect(cfg: Config | None = None) -> tuple[MlflowClient, str]:
     return mlflow.MlflowClient(uri), uri
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0][:300] if lines else type(exc).__name__
-
-
 def registered_model(client: MlflowClient, name: str, uri: str) -> RegisteredModel:
     from mlflow.exceptions import MlflowException
 
@@ -127,7 +123,7 @@ def registered_model(client: MlflowClient, name: str, uri: str) -> RegisteredMod
     except MlflowException as exc:
         if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
             raise UserError(f"registered model {name!r} not found at {uri} (the register stage creates it)") from None
-        raise UserError(f"{uri}: cannot read registered model {name!r}: {_first_line(exc)}") from None
+        raise UserError(f"{uri}: cannot read registered model {name!r}: {one_line(exc)}") from None
 
 
 def _versions(client: MlflowClient, name: str, run_id: str | None = None) -> list[ModelVersion]:
@@ -169,7 +165,7 @@ def load_pyfunc(model_uri: str) -> PyFuncModel:
     try:
         return mlflow.pyfunc.load_model(model_uri)
     except (MlflowException, OSError) as exc:
-        raise UserError(f"{model_uri}: cannot load model ({_first_line(exc)})") from None
+        raise UserError(f"{model_uri}: cannot load model ({one_line(exc)})") from None
 
 
 # --- metrics, gate and champion comparison ----------------------------------------------------------------
@@ -399,7 +395,8 @@ def register_model(
     """Log, register, gate and alias the model in ``model_dir``; returns the registry record.
 
     Idempotent: when a version of this model already exists for the same training run and the same
-    model-file sha256, that version is returned (``created: False``) and nothing is logged or moved.
+    model-file sha256, nothing is logged: that version is judged again with the current params and returned
+    (``created: False``), see :func:`_rejudge`.
     """
 
     name = MODEL_NAMES[kind]
@@ -418,9 +415,8 @@ def register_model(
     _ensure_registered_model(client, kind)
     for mv in _versions(client, name, run_id):
         if mv.tags.get(TAG_MODEL_SHA) == sha256:
-            mv = client.get_model_version(name, mv.version)
-            reason = mv.tags.get(TAG_GATE_REASON, "")
-            return _record(name, mv, mv.tags.get(TAG_GATE_PASSED) == "true", reason, False, uri)
+            passed, reason = _rejudge(cfg, client, kind, mv, metrics, uri)
+            return _record(name, client.get_model_version(name, mv.version), passed, reason, False, uri)
 
     info = log_pyfunc(kind, model_file, run_id, run.info.experiment_id, sha256)
     champion_version = registered_model(client, name, uri).aliases.get(CHAMPION)
@@ -451,6 +447,45 @@ def register_model(
     )
     client.set_registered_model_alias(name, CHAMPION if passed else CHALLENGER, mv.version)
     return _record(name, client.get_model_version(name, mv.version), passed, reason, True, uri)
+
+
+def _rejudge(
+    cfg: Config, client: MlflowClient, kind: str, mv: ModelVersion, metrics: dict[str, Any], uri: str
+) -> tuple[bool, str]:
+    """Gate an already registered version again with the current ``register.*`` params and the current champion,
+    move the aliases to match and store the verdict in its tags; returns (passed, reason).
+
+    A passing version becomes (or stays) ``champion``; a champion that now fails loses the alias (no version is
+    champion until one passes or is promoted) and becomes ``challenger``, like any other failing version.
+    """
+    name, version = mv.name, str(mv.version)
+    aliases = registered_model(client, name, uri).aliases
+    previous = aliases.get(CHAMPION)
+    is_champion = previous is not None and str(previous) == version
+    champion = client.get_model_version(name, str(previous)) if previous is not None else None
+    gate_ok, gate_reason = gate(cfg, kind, metrics)
+    beats, comparison = compare_with_champion(kind, metrics, champion, version)
+    passed = gate_ok and beats
+    parts = [f"gate {'passed' if gate_ok else 'failed'} ({gate_reason})"]
+    if passed and is_champion:
+        parts += [comparison, "keeps champion"]
+    elif passed:
+        parts += [comparison, f"champion: {f'v{previous}' if previous is not None else 'unset'} -> v{version}"]
+        client.set_registered_model_alias(name, CHAMPION, version)
+        if str(aliases.get(CHALLENGER)) == version:
+            client.delete_registered_model_alias(name, CHALLENGER)
+    else:
+        if is_champion:
+            parts.append(f"v{version} loses champion (no version is champion now) and becomes challenger")
+            client.delete_registered_model_alias(name, CHAMPION)
+        else:
+            parts += [comparison, f"v{version} is challenger"]
+        client.set_registered_model_alias(name, CHALLENGER, version)
+    reason = "; ".join(parts)
+    tags = {k: v for k, v in metric_tags(metrics).items() if mv.tags.get(k) != v}
+    for key, value in (tags | {TAG_GATE_PASSED: str(passed).lower(), TAG_GATE_REASON: reason}).items():
+        client.set_model_version_tag(name, version, key, value)
+    return passed, reason
 
 
 # --- promotion by hand ------------------------------------------------------------------------------------
@@ -488,7 +523,7 @@ def promote(cfg: Config, model_name: str, version: str | None, alias: str, force
         if alias == CHAMPION and str(aliases.get(CHALLENGER)) == str(mv.version):
             client.delete_registered_model_alias(model_name, CHALLENGER)
     except MlflowException as exc:
-        raise UserError(f"{model_name}: cannot set alias {alias!r}: {_first_line(exc)}") from None
+        raise UserError(f"{model_name}: cannot set alias {alias!r}: {one_line(exc)}") from None
     was = f"v{previous}" if previous is not None else "unset"
     lines.append(f"alias {alias!r}: {was} -> v{mv.version}")
     return "\n".join(lines)

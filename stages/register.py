@@ -3,7 +3,8 @@
 Registers one version of ``texture-gan`` and ``texture-segmenter`` linked to their training runs,
 gates them (``register.*`` in params, and the current champion) and sets alias ``champion`` or
 ``challenger``. Re-running with the same models registers nothing new (same run + same weights ->
-the existing version), so the stage is safe to repeat. Its records are DVC outputs with
+the existing version, gated again with the current params and its aliases moved to match), so the
+stage is safe to repeat. Its records are DVC outputs with
 ``cache: false``: DVC never restores them from the run-cache, so a registration is never skipped.
 """
 

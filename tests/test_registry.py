@@ -169,7 +169,7 @@ def test_registration_has_lineage_and_is_not_duplicated(
 
     again = registry.register_model(tiny_cfg, "segmenter", model_dir, seg_metrics(0.7))
     assert again["version"] == "1" and not again["created"] and again["aliases"] == ["champion"]
-    assert again["reason"] == record["reason"]
+    assert again["reason"] == "gate passed (miou 0.7 >= min_miou 0.5); v1 is the current champion; keeps champion"
     assert [m.version for m in client.search_model_versions(f"name = '{SEG}'")] == ["1"]
 
 
@@ -187,6 +187,68 @@ def test_champion_moves_only_to_a_better_version_that_passes_the_gate(
 
 def record_reason(version: int) -> str:
     return mlflow.MlflowClient().get_model_version(SEG, str(version)).tags[registry.TAG_GATE_REASON]
+
+
+def test_registering_again_judges_with_the_current_thresholds(
+    tiny_cfg: config.Config, tracking_server: MlflowServer, fake_training: FakeTraining, tmp_path: Path
+) -> None:
+    def register(model_dir: Path, miou: float, min_miou: float) -> dict[str, Any]:
+        directory = tmp_path / f"min-{min_miou}"
+        directory.mkdir(exist_ok=True)
+        params = write_params(directory, {"register.segmenter.min_miou": min_miou})
+        return registry.register_model(config.load(params), "segmenter", model_dir, seg_metrics(miou))
+
+    first, second = fake_training("segmenter", 0), fake_training("segmenter", 1)
+    assert register(first, 0.7, 0.5)["aliases"] == ["champion"]
+    assert register(second, 0.6, 0.5)["aliases"] == ["challenger"]
+    client = mlflow.MlflowClient()
+
+    kept = register(first, 0.7, 0.65)
+    assert kept["aliases"] == ["champion"] and kept["gate_passed"] and not kept["created"]
+    assert kept["reason"] == "gate passed (miou 0.7 >= min_miou 0.65); v1 is the current champion; keeps champion"
+
+    demoted = register(first, 0.7, 0.9)
+    assert demoted["aliases"] == ["challenger"] and not demoted["gate_passed"]
+    assert demoted["reason"] == (
+        "gate failed (miou 0.7 < min_miou 0.9); v1 loses champion (no version is champion now) and becomes challenger"
+    )
+    assert client.get_registered_model(SEG).aliases == {"challenger": "1"}  # v2 gave the alias up
+    tags = client.get_model_version(SEG, "1").tags
+    assert tags[registry.TAG_GATE_PASSED] == "false" and tags[registry.TAG_GATE_REASON] == demoted["reason"]
+
+    promoted = register(second, 0.6, 0.55)
+    assert promoted["aliases"] == ["champion"] and promoted["reason"] == (
+        "gate passed (miou 0.6 >= min_miou 0.55); no current champion; champion: unset -> v2"
+    )
+    back = register(first, 0.7, 0.5)
+    assert back["aliases"] == ["champion"]
+    assert back["reason"].endswith("miou 0.7 > champion v2's 0.6; champion: v2 -> v1")
+    assert client.get_registered_model(SEG).aliases == {"champion": "1"}  # v1's challenger alias went with it
+    assert sorted(m.version for m in client.search_model_versions(f"name = '{SEG}'")) == ["1", "2"]
+
+
+def test_register_stage_reports_the_current_gate(
+    tiny_params: Any, tracking_server: MlflowServer, fake_training: FakeTraining, tmp_path: Path, capsys: Any
+) -> None:
+    from stages.register import main
+
+    for kind in ("gan", "segmenter"):
+        fake_training(kind, directory=tmp_path / "models" / kind)
+    _write_metrics(tmp_path)
+    args = [f"--{kind}-model={tmp_path / 'models' / kind}" for kind in ("gan", "segmenter")]
+    args += [f"--{kind}-metrics={tmp_path / 'metrics' / f'{kind}.json'}" for kind in ("gan", "segmenter")]
+    args.append(f"--out={tmp_path / 'registry'}")
+    assert main([f"--params={tiny_params()}", *args]) == 0
+    assert "texture-segmenter: registered version 1 (champion)" in capsys.readouterr().out
+    strict = tmp_path / "strict"
+    strict.mkdir()
+    assert main([f"--params={write_params(strict, {'register.segmenter.min_miou': 0.9})}", *args]) == 0
+    out = capsys.readouterr().out
+    seg = "texture-segmenter: already registered as version 1 (challenger): gate failed (miou 0.7 < min_miou 0.9)"
+    assert seg in out, out
+    assert "texture-gan: already registered as version 1 (champion): gate passed (" in out
+    record = json.loads((tmp_path / "registry" / f"{SEG}.json").read_text())
+    assert record["aliases"] == ["challenger"] and not record["gate_passed"]
 
 
 def test_gan_gate_rejects_collapse_and_compares_fid_only_from_the_same_extractor(
