@@ -22,9 +22,10 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import config
-from pipeline.distributed import DistEnv
+from pipeline.distributed import DistEnv, all_reduce_mean
 from pipeline.engine import check_finite
-from pipeline.training.gan import GanModels, GanStep, build_models, reduce_metrics
+from pipeline.training.gan import build_models
+from pipeline.training.gan_loss import GanModels, GanStep
 
 
 def plain_loop(m: GanModels, num_classes: int, z_dim: int, smoothing: float, fmt: torch.memory_format) -> Callable:
@@ -70,7 +71,7 @@ def run(params: Path, steps: int = 3, repeats: int = 15, threads: int = 0) -> di
     reals = [(torch.rand(gan.batch_size, 3, size, size, generator=gen), torch.randint(0, classes, (gan.batch_size,)))]
 
     def ours_step(i: int, batch: list) -> None:
-        check_finite(reduce_metrics(ours(i, batch), 1), i, Path("(no checkpoint in the benchmark)"))
+        check_finite(all_reduce_mean(ours(i, batch), env.device), i, Path("(no checkpoint in the benchmark)"))
 
     clocks = {"wall": time.perf_counter, "cpu": time.process_time}
     timings = {(name, clock): [] for name in ("trainer", "plain") for clock in clocks}

@@ -23,9 +23,10 @@ import torch
 
 from pipeline import config
 from pipeline.distributed import distributed
-from pipeline.evaluation import generated_features
+from pipeline.evaluation.generator import class_samples, generated_features
 from pipeline.models.features import FeatureExtractor, TextureFeatureNet
-from pipeline.training.gan import GanStep, build_models
+from pipeline.training.gan import build_models
+from pipeline.training.gan_loss import GanStep
 
 NUM_CLASSES, WARMUP = 10, 3
 
@@ -60,10 +61,12 @@ def worker(params: Path, steps: int, out: Path) -> None:
         extractor = FeatureExtractor(TextureFeatureNet(NUM_CLASSES, cfg.evaluate.feature_dim)).to(env.device)
         generator = models.ema.module.eval()
         per_class = cfg.evaluate.samples_per_class
-        generated_features(generator, extractor, NUM_CLASSES, 2, cfg.seed, cfg.evaluate.batch_size, env)  # warm-up
+        batch = cfg.evaluate.batch_size
+        z, labels = class_samples(NUM_CLASSES, cfg.evaluate.samples_per_class, generator.z_dim, cfg.seed, batch)
+        generated_features(generator, extractor, z[: 2 * NUM_CLASSES], labels[: 2 * NUM_CLASSES], batch, env)  # warm-up
         _synchronize(env.device)
         start = time.perf_counter()
-        generated_features(generator, extractor, NUM_CLASSES, per_class, cfg.seed, cfg.evaluate.batch_size, env)
+        generated_features(generator, extractor, z, labels, batch, env)
         _synchronize(env.device)
         eval_s = time.perf_counter() - start
         if env.is_main:

@@ -1,4 +1,4 @@
-"""Checkpoints that survive crashes: atomic writes, weights-only loading, RNG capture, resume, one writer per stage."""
+"""Checkpoints that survive crashes: atomic writes, weights-only loading, resume, one writer per stage."""
 
 from __future__ import annotations
 
@@ -6,14 +6,12 @@ import fcntl
 import io
 import json
 import os
-import random
 import socket
 import tempfile
 import time
 from pathlib import Path
 from typing import Any, TypeVar
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -94,34 +92,6 @@ def load_model(path: str | Path, cls: type[M], what: str) -> tuple[M, dict[str, 
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"{path}: not a {what} file ({type(exc).__name__}: {exc})") from None
     return model, meta
-
-
-def rng_state() -> dict[str, Any]:
-    """Python, numpy and torch RNG states in weights-only-loadable types."""
-    np_state = np.random.get_state()
-    state: dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": {
-            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
-            "pos": int(np_state[2]),
-            "has_gauss": int(np_state[3]),
-            "gauss": float(np_state[4]),
-        },
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def resume_state(

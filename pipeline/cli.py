@@ -26,7 +26,7 @@ def _verify_shards(ns: argparse.Namespace) -> int:
 
 
 def _fid(ns: argparse.Namespace) -> int:
-    from pipeline.metrics.fid import fid_between_folders
+    from pipeline.evaluation.generator import fid_between_folders
 
     result = fid_between_folders(
         Path(ns.dir_a), Path(ns.dir_b), features=ns.features, batch_size=ns.batch_size, device=ns.device

@@ -84,7 +84,8 @@ class TrainConfig:
     max_restarts: int = _non_negative()
     num_workers: int = _non_negative()
     device: Literal["auto", "cpu", "cuda"]
-    precision: Literal["auto", "fp32", "bf16"]
+    precision: Literal["auto", "fp32", "bf16", "fp16"]
+    compile: bool
     deterministic: bool
     channels_last: bool
     on_params_change: Literal["error", "restart"]
@@ -121,7 +122,6 @@ class GanConfig:
 
 
 @dataclass(frozen=True)
-@dataclass(frozen=True)
 class FcnConfig:
     channels: int = _positive()
     convs: int = _check(lambda v: 1 <= v <= 4, "an integer in [1, 4]")
@@ -148,9 +148,10 @@ class RenetConfig:
     cell: Literal["gru", "lstm"]
 
 
+@dataclass(frozen=True)
 class SegmenterConfig:
-    channels: int = _check(lambda v: v > 0 and v % 4 == 0, "a positive multiple of 4")
     arch: Literal["unet", "fcn", "deeplabv3", "segformer", "renet"]  # pipeline.models.segmenters.SEGMENTERS
+    channels: int = _check(lambda v: v > 0 and v % 4 == 0, "a positive multiple of 4")
     depth: int = _check(lambda v: 1 <= v <= 5, "an integer in [1, 5]")
     upsample: Literal["bilinear", "transpose"]
     decoder: Literal["concat", "add"]
@@ -172,11 +173,11 @@ class SegmenterConfig:
     class_weights: tuple[float, ...]
     log_every: int = _positive()
     checkpoint_every: int = _positive()
-
     fcn: FcnConfig
     deeplabv3: DeepLabConfig
     segformer: SegformerConfig
     renet: RenetConfig
+
 
 @dataclass(frozen=True)
 class EvaluateConfig:

@@ -47,10 +47,14 @@ class DistEnv:
         return self.world_size > 1
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        """bf16 autocast where chosen, a no-op otherwise."""
+        """bf16 or fp16 autocast where chosen, a no-op otherwise."""
         if self.amp_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def grad_scaler(self) -> torch.amp.GradScaler:
+        """The loss scaler fp16 needs (its gradients underflow otherwise); a pass-through for bf16 and fp32."""
+        return torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
 
 
 def _resolve_device(choice: str, local_rank: int) -> torch.device:
@@ -64,21 +68,29 @@ def _resolve_device(choice: str, local_rank: int) -> torch.device:
 
 
 def native_bf16(device: torch.device) -> bool:
-    """Whether ``device`` computes bf16 natively: CUDA, or an x86 CPU with AVX512-BF16 or AMX-BF16.
+    """Whether ``device`` computes bf16 natively: a GPU of compute capability >= 8.0 (Ampere on), or an x86
+    CPU with AVX512-BF16 or AMX-BF16.
 
     On such a CPU bf16 autocast made the U-Net training step 1.6x faster (AMD EPYC, 2 cores); without
-    them bf16 is emulated and slower than fp32.
+    them bf16 is emulated and slower than fp32. V100/T4-class GPUs (7.x) compute fp16, not bf16.
     """
     if device.type == "cuda":
-        return True
+        return torch.cuda.get_device_capability(device)[0] >= 8
     capabilities = getattr(torch.cpu, "get_capabilities", None)  # absent from older torch releases
     caps = capabilities() if capabilities is not None else {}
     return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
 
 
-def _resolve_precision(choice: str, device: torch.device) -> torch.dtype | None:
+def resolve_precision(choice: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``train.precision`` on ``device`` (None = fp32).
+
+    ``auto``: bf16 where the device computes it natively, fp16 (with gradient scaling) on older GPUs, fp32
+    on other CPUs.
+    """
     if choice == "bf16" or (choice == "auto" and native_bf16(device)):
         return torch.bfloat16
+    if choice == "fp16" or (choice == "auto" and device.type == "cuda"):
+        return torch.float16
     return None
 
 
@@ -131,7 +143,7 @@ def init_distributed(train: TrainConfig) -> DistEnv:
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    return DistEnv(rank, world_size, local_rank, device, backend, _resolve_precision(train.precision, device))
+    return DistEnv(rank, world_size, local_rank, device, backend, resolve_precision(train.precision, device))
 
 
 def teardown() -> None:
@@ -171,12 +183,12 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str, float]:
-    """Average a dict of scalars across ranks in one collective."""
+def all_reduce_mean(values: dict[str, float | Tensor], device: torch.device) -> dict[str, float]:
+    """Average a dict of scalars (floats or 0-d tensors) across ranks in one collective, in float64."""
     if not values:
         return {}
     keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
+    t = torch.stack([torch.as_tensor(values[k], device=device).detach().to(torch.float64) for k in keys])
     all_reduce_sum(t)
     world = dist.get_world_size() if dist.is_initialized() else 1
     return {k: v / world for k, v in zip(keys, t.tolist(), strict=True)}
@@ -306,5 +318,22 @@ def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module
 
 
 def plain_module(model: nn.Module) -> nn.Module:
-    """The model inside a DDP wrapper (or the model itself)."""
+    """The model inside ``torch.compile`` and DDP wrappers (or the model itself)."""
+    model = getattr(model, "_orig_mod", model)
     return getattr(model, "module", model)
+
+
+def gather_in_order(local: Tensor, index: Tensor | None = None) -> Tensor:
+    """Rows from every rank on the CPU, sorted by their global ``index`` (every rank gets all of them).
+
+    ``index=None``: rank r holds samples r, r + W, r + 2W, ... (as ``eval_batches`` gives them), so the
+    result is in the order one process would have seen them. Without a process group: ``local`` itself.
+    """
+    if not dist.is_initialized():
+        return local.detach().cpu() if index is None else local.detach().cpu()[index.cpu().argsort()]
+    device = collective_device()
+    if index is None:
+        index = torch.arange(local.shape[0], device=device) * dist.get_world_size() + dist.get_rank()
+    rows = all_gather_cat(local.detach().to(device)).cpu()
+    order = all_gather_cat(index.to(device)).cpu().argsort()
+    return rows[order]

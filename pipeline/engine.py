@@ -1,26 +1,17 @@
-"""Pieces every training loop shares: resume + MLflow run continuity, graceful stop, NaN guard, history, progress.
+"""What a stage's training session holds: resume + MLflow run continuity, the stage lock, graceful stop, the NaN
+guard, history and progress. :mod:`pipeline.training.loop` drives them; nothing else trains.
 
-A loop (see ``pipeline/training/gan.py``) looks like::
-
-    with distributed(cfg.train) as env, GracefulStop() as stop:
-        session = Session(cfg, "train_gan", ("data", "train", "gan"), env, ckpt_dir, out_dir, manifest)
-        ckpt = session.resume()            # None on a fresh start
-        ...restore state from ckpt...
-        session.start_run(tags={...})      # same MLflow run as the checkpoint's, params logged once
-        bar = session.progress(total, start, "train_gan")
-        for step in range(start, total):
-            ...
-            check_finite({"loss_d": ..., "loss_g": ...}, step, session.last_path)
-            if stop.should_stop(env.device): session.save(state); raise SystemExit(143)
-"""
+No process RNG state is checkpointed: a task seeds each step's draws from (seed, purpose, step, rank), or keeps
+its own generator in its state, so a resumed run draws what the straight run drew (the resume tests check it
+weight for weight)."""
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import signal
 import sys
-import time
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -110,6 +101,7 @@ class Session:
         ckpt_dir: Path,
         out_dir: Path,
         manifest: Path,
+        fingerprint: str = "",
     ) -> None:
         self.cfg, self.stage, self.sections, self.env = cfg, stage, sections, env
         self.ckpt_dir, self.out_dir, self.manifest = Path(ckpt_dir), Path(out_dir), Path(manifest)
@@ -123,8 +115,11 @@ class Session:
         if refusal is not None:
             raise checkpoint.StageLockedError(refusal)
         self.manifest_sha256 = file_sha256(self.manifest)
-        # The data is part of what a checkpoint was trained on: new shards mean a new run.
+        # The data (and what else the task names, e.g. its feature extractor and checkpoint layout) is part of
+        # what a checkpoint was trained on: new shards mean a new run.
         self.params_hash = cfg.section_hash(*sections)[:16] + "-" + self.manifest_sha256[:16]
+        if fingerprint:
+            self.params_hash += "-" + hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
         self.run_id: str | None = None
         self.logger = RunLogger(cfg, stage, enabled=env.is_main)
 
@@ -142,8 +137,9 @@ class Session:
             self.print(f"{self.stage}: resuming from {self.last_path} at step {ckpt['step']}")
         return ckpt
 
-    def start_run(self, tags: dict[str, str] | None = None) -> None:
-        """Create the MLflow run (or reopen the checkpoint's) on rank 0."""
+    def start_run(self, tags: dict[str, str] | None = None, kind: str = "") -> None:
+        """Create the MLflow run (or reopen the checkpoint's) on rank 0, with the train split of ``kind``
+        (``patches`` or ``mosaics``) as its dataset input."""
         env = self.env
         base = {
             TAG_MANIFEST: self.manifest_sha256,
@@ -155,17 +151,17 @@ class Session:
             "torch": torch.__version__,
         }
         self.logger.run_id = self.run_id
-        self.run_id = self.logger.start(stage_params(self.cfg, *self.sections), base | (tags or {}))
+        params = stage_params(self.cfg, *self.sections)
+        self.run_id = self.logger.start(params, base | (tags or {}), shards=self.manifest.parent, kind=kind)
 
     def save(self, state: dict[str, Any], step: int) -> None:
-        """Rank 0 writes ``last.pt`` atomically (with RNG states, run id, params hash); all ranks wait."""
+        """Rank 0 writes ``last.pt`` atomically (with the step, run id and params hash); all ranks wait."""
         if self.env.is_main:
             payload = {
                 **state,
                 "step": step,
                 "params_hash": self.params_hash,
                 "run_id": self.run_id,
-                "rng": checkpoint.rng_state(),
             }
             checkpoint.save(payload, self.last_path)
         barrier()
@@ -179,26 +175,11 @@ class Session:
             }
             checkpoint.atomic_write_json(self.out_dir / "run.json", record)
 
-    def progress(self, total: int, initial: int, desc: str) -> tqdm:
+    def progress(self, total: int, initial: int, desc: str, enabled: bool = True) -> tqdm:
         """A tqdm bar on rank 0 only; the loop calls ``update`` and ``set_postfix``."""
-        return tqdm(total=total, initial=initial, desc=desc, disable=not self.env.is_main, dynamic_ncols=True)
+        disable = not (enabled and self.env.is_main)
+        return tqdm(total=total, initial=initial, desc=desc, disable=disable, dynamic_ncols=True)
 
     def print(self, message: str) -> None:
         if self.env.is_main:
             print(message, file=sys.stderr, flush=True)
-
-
-class Throughput:
-    """Samples per second between two calls of :meth:`rate`."""
-
-    def __init__(self) -> None:
-        self._t, self._n = time.perf_counter(), 0
-
-    def add(self, n: int) -> None:
-        self._n += n
-
-    def rate(self) -> float:
-        now = time.perf_counter()
-        rate = self._n / max(now - self._t, 1e-9)
-        self._t, self._n = now, 0
-        return rate

@@ -18,7 +18,8 @@ from pipeline import config, plots
 from pipeline.checkpoint import atomic_write_json
 from pipeline.distributed import distributed
 from pipeline.errors import UserError, main_entry
-from pipeline.evaluation import evaluate_gan, evaluate_segmenter
+from pipeline.evaluation.generator import evaluate_gan
+from pipeline.evaluation.segmenter import evaluate_segmenter
 from pipeline.tracking import log_run_metrics, read_run_json, tracking_uri
 
 SIGNIFICANT_DIGITS = 8  # well above the float32 noise a different rank count brings (~1e-7 relative)

@@ -4,29 +4,23 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from pipeline import checkpoint
 
 
-def test_save_load_round_trip_with_rng(tmp_path: Path) -> None:
+def test_save_load_round_trip(tmp_path: Path) -> None:
     model = torch.nn.Linear(3, 2)
     path = tmp_path / "ckpt" / "last.pt"
-    random.seed(1), np.random.seed(1), torch.manual_seed(1)
-    checkpoint.save({"model": model.state_dict(), "step": 5, "rng": checkpoint.rng_state()}, path)
-    expected = (random.random(), np.random.rand(), torch.rand(1))
+    checkpoint.save({"model": model.state_dict(), "step": 5}, path)
     loaded = checkpoint.load(path)
-    checkpoint.set_rng_state(loaded["rng"])
-    assert (random.random(), np.random.rand()) == expected[:2] and torch.equal(torch.rand(1), expected[2])
-    assert torch.equal(loaded["model"]["weight"], model.weight.detach())
+    assert loaded["step"] == 5 and torch.equal(loaded["model"]["weight"], model.weight.detach())
     assert not list(path.parent.glob("*.tmp")), "temp files must not stay behind"
 
 

@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 
 from pipeline.errors import UserError
-from pipeline.metrics.fid import GaussianStats, fid_between_folders, fid_from_stats, kid
+from pipeline.evaluation.generator import fid_between_folders
+from pipeline.metrics.fid import GaussianStats, fid_from_stats, kid
 from pipeline.models.features import TextureFeatureNet, load_feature_extractor, save_feature_extractor
 from pipeline.tracking import file_sha256
 from tests.conftest import ROOT

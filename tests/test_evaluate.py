@@ -16,10 +16,13 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from pipeline import config, evaluation, plots
+from pipeline import config, plots
 from pipeline.data.loaders import eval_batches
 from pipeline.data.shards import load_manifest, prepare_dataset
 from pipeline.distributed import DistEnv
+from pipeline.evaluation import features as ev_feat
+from pipeline.evaluation import generator as ev_gen
+from pipeline.evaluation import segmenter as ev_seg
 from pipeline.images import palette
 from pipeline.models.features import TextureFeatureNet, load_feature_extractor, save_feature_extractor
 from pipeline.models.gan import Generator, save_generator
@@ -74,9 +77,7 @@ def tiny_models(tiny_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 def test_gan_report_has_the_contract_keys(tiny_models, tiny_shards: Path) -> None:
     cfg, models = tiny_models
-    out = evaluation.evaluate_gan(
-        cfg, SINGLE, tiny_shards, models / "gan/generator.pt", models / "features/extractor.pt"
-    )
+    out = ev_gen.evaluate_gan(cfg, SINGLE, tiny_shards, models / "gan/generator.pt", models / "features/extractor.pt")
     m, classes = out["metrics"], load_manifest(tiny_shards)["classes"]
     assert set(m) == GAN_KEYS and set(m["baselines"]) == BASELINE_KEYS
     assert m["fid_features"] == file_sha256(models / "features/extractor.pt")
@@ -98,7 +99,7 @@ def test_gan_report_has_the_contract_keys(tiny_models, tiny_shards: Path) -> Non
     json.dumps(m, allow_nan=False)  # JSON-ready: no NaN, only plain types
     grid = out["plots"]
     assert len(grid["real"]) == len(grid["generated"]) == len(classes)
-    assert grid["generated"][0].shape == (evaluation.GRID_PER_CLASS, cfg.data.patch_size, cfg.data.patch_size, 3)
+    assert grid["generated"][0].shape == (ev_gen.GRID_PER_CLASS, cfg.data.patch_size, cfg.data.patch_size, 3)
     assert grid["generated"][0].dtype == np.uint8
 
 
@@ -138,14 +139,15 @@ def test_mode_collapse_is_measured_not_hidden(tiny_models, tiny_shards: Path) ->
     _, models = tiny_models
     classes = load_manifest(tiny_shards)["classes"]
     extractor, _ = load_feature_extractor(models / "features/extractor.pt")
-    real, real_labels = evaluation.real_features(extractor, tiny_shards, "test", 16, SINGLE)
+    real, real_labels = ev_feat.real_features(extractor, tiny_shards, "test", 16, SINGLE)
     patches = _test_patches(tiny_shards, len(classes))
     per_class = min(len(p) for p in patches)
     assert per_class >= 4 and all(len(p) == per_class for p in patches)
 
     def report(generator: Generator) -> dict[str, Any]:
-        fake, fake_labels = evaluation.generated_features(generator, extractor, len(classes), per_class, 7, 16, SINGLE)
-        return evaluation.gan_metrics(real, real_labels, fake, fake_labels, classes, k=2, seed=0)
+        z, fake_labels = ev_gen.class_samples(len(classes), per_class, generator.z_dim, 7, 16)
+        fake = ev_gen.generated_features(generator, extractor, z, fake_labels, 16, SINGLE)
+        return ev_gen.gan_metrics(real, real_labels, fake, fake_labels, classes, k=2, seed=0)
 
     mean_colour = torch.stack([p.mean((0, 2, 3))[:, None, None].expand_as(p[0]) for p in patches])
     collapsed = report(CollapsedGenerator(mean_colour))
@@ -159,7 +161,7 @@ def test_mode_collapse_is_measured_not_hidden(tiny_models, tiny_shards: Path) ->
 
 def test_segmenter_report(tiny_models, tiny_shards: Path) -> None:
     cfg, models = tiny_models
-    out = evaluation.evaluate_segmenter(cfg, SINGLE, tiny_shards, models / "segmenter/model.pt")
+    out = ev_seg.evaluate_segmenter(cfg, SINGLE, tiny_shards, models / "segmenter/model.pt")
     m, p = out["metrics"], out["plots"]
     manifest = load_manifest(tiny_shards)
     classes, side = manifest["classes"], manifest["params"]["mosaic_size"]
@@ -172,8 +174,8 @@ def test_segmenter_report(tiny_models, tiny_shards: Path) -> None:
     assert m["miou"] == pytest.approx(sum(present) / len(present))
     diagonal = np.trace(np.asarray(p["confusion"]))
     assert m["pixel_accuracy"] == pytest.approx(diagonal / m["num_pixels"])
-    assert len(p["actual"]) == len(p["predicted"]) == min(evaluation.CONFUSION_SAMPLES, m["num_pixels"])
-    assert p["images"].shape == (evaluation.SEGMENTATION_EXAMPLES, side, side, 3)
+    assert len(p["actual"]) == len(p["predicted"]) == min(ev_seg.CONFUSION_SAMPLES, m["num_pixels"])
+    assert p["images"].shape == (ev_seg.SEGMENTATION_EXAMPLES, side, side, 3)
 
 
 def test_segmenter_report_scores_the_served_views_and_one_view(tiny_models, tiny_shards: Path, tmp_path: Path) -> None:
@@ -184,7 +186,7 @@ def test_segmenter_report_scores_the_served_views_and_one_view(tiny_models, tiny
         net = UNet(**(model.kwargs | {"tta": tta}))
         net.load_state_dict(model.state_dict())
         save_segmenter(tmp_path / f"{tta}.pt", net, meta)
-        report[tta] = evaluation.evaluate_segmenter(cfg, SINGLE, tiny_shards, tmp_path / f"{tta}.pt")["metrics"]
+        report[tta] = ev_seg.evaluate_segmenter(cfg, SINGLE, tiny_shards, tmp_path / f"{tta}.pt")["metrics"]
     single, served = report["none"], report["d8"]
     assert single["miou"] == single["miou_single_view"] == served["miou_single_view"]
     assert single["pixel_accuracy"] == single["pixel_accuracy_single_view"] == served["pixel_accuracy_single_view"]
@@ -192,12 +194,12 @@ def test_segmenter_report_scores_the_served_views_and_one_view(tiny_models, tiny
 
 def test_pixel_sample_is_stratified_and_fixed() -> None:
     n, pixels = 7, 64 * 64
-    counts = [len(evaluation.pixel_sample(i, n, pixels, 1)) for i in range(n)]
-    assert sum(counts) == evaluation.CONFUSION_SAMPLES and max(counts) - min(counts) <= 1
-    a = evaluation.pixel_sample(3, n, pixels, 1)
-    assert torch.equal(a, evaluation.pixel_sample(3, n, pixels, 1)) and a.unique().numel() == a.numel()
-    assert not torch.equal(a, evaluation.pixel_sample(4, n, pixels, 1))
-    assert len(evaluation.pixel_sample(0, 2, 16, 1)) == 16  # small mosaics: every pixel
+    counts = [len(ev_seg.pixel_sample(i, n, pixels, 1)) for i in range(n)]
+    assert sum(counts) == ev_seg.CONFUSION_SAMPLES and max(counts) - min(counts) <= 1
+    a = ev_seg.pixel_sample(3, n, pixels, 1)
+    assert torch.equal(a, ev_seg.pixel_sample(3, n, pixels, 1)) and a.unique().numel() == a.numel()
+    assert not torch.equal(a, ev_seg.pixel_sample(4, n, pixels, 1))
+    assert len(ev_seg.pixel_sample(0, 2, 16, 1)) == 16  # small mosaics: every pixel
 
 
 def test_plot_files(tmp_path: Path) -> None:

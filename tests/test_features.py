@@ -78,7 +78,7 @@ def test_inception_without_torch_fidelity_is_a_user_error() -> None:
 
 def test_train_feature_extractor_writes_loadable_files(tmp_path: Path, tiny_shards: Path) -> None:
     cfg = config.load(write_params(tmp_path, {"evaluate.feature_steps": 3}))
-    summary = train_feature_extractor(cfg, tiny_shards, tmp_path / "out", progress=False)
+    summary = train_feature_extractor(cfg, tiny_shards, tmp_path / "out", tmp_path / "ckpt", progress=False)
     on_disk = json.loads((tmp_path / "out" / "extractor.json").read_text())
     assert on_disk == summary
     assert summary["classes"] == ["stripes", "checker", "dots", "brick"]
@@ -89,7 +89,7 @@ def test_train_feature_extractor_writes_loadable_files(tmp_path: Path, tiny_shar
     assert meta["test_accuracy"] == summary["test_accuracy"]
     assert extractor(torch.rand(2, 3, 16, 16)).shape == (2, cfg.evaluate.feature_dim)
     # same params and seed -> the same weights, byte for byte
-    again = train_feature_extractor(cfg, tiny_shards, tmp_path / "again", progress=False)
+    again = train_feature_extractor(cfg, tiny_shards, tmp_path / "again", tmp_path / "ckpt2", progress=False)
     assert again["sha256"] == summary["sha256"]
 
 

@@ -15,13 +15,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from pipeline.distributed import gather_in_order
 from pipeline.metrics.fid import (
     GaussianStats,
     diversity,
     diversity_ratio,
     fid_from_stats,
     frechet_distance,
-    gather_features,
     kid,
     precision_recall_coverage,
 )
@@ -185,9 +185,10 @@ def test_diversity_ratio_marks_unmeasurable_classes() -> None:
     assert ratio["mean"] == pytest.approx(1.0)
 
 
-def test_gather_features_without_process_group_is_identity() -> None:
+def test_gather_without_process_group_is_identity_or_sorted() -> None:
     x = torch.arange(12.0).reshape(6, 2)
-    assert torch.equal(gather_features(x), x)
+    assert torch.equal(gather_in_order(x), x)
+    assert torch.equal(gather_in_order(x, torch.tensor([5, 4, 3, 2, 1, 0])), x.flip(0))
 
 
 def _free_port() -> int:
@@ -214,8 +215,8 @@ def _fid_worker(rank: int, world: int, port: int, out_dir: str) -> None:
             "mean": real_stats.mean,
             "cov": real_stats.cov,
             "fid": fid_from_stats(real_stats, fake_stats),
-            "gathered": gather_features(local_real),
-            "kid": kid(gather_features(local_real), gather_features(local_fake), 10, 40, seed=3),
+            "gathered": gather_in_order(local_real),
+            "kid": kid(gather_in_order(local_real), gather_in_order(local_fake), 10, 40, seed=3),
         }
         torch.save(result, Path(out_dir) / f"rank{rank}.pt")
     finally:

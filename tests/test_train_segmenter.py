@@ -26,8 +26,8 @@ from pipeline.metrics.segmentation import ConfusionMatrix
 from pipeline.models.unet import UNet, load_segmenter
 from pipeline.training.segmenter import (
     SegmenterStep,
-    _check_params,
     build_model,
+    check_params,
     lr_factor,
     segmentation_loss,
     train_segmenter,
@@ -82,10 +82,10 @@ def test_loss_terms_vanish_for_a_confident_correct_prediction() -> None:
 def test_params_that_cannot_work_are_user_errors(tiny_cfg: config.Config) -> None:
     s = tiny_cfg.segmenter
     with pytest.raises(UserError, match=r"segmenter.batch_size: 8 does not divide by the world size 3"):
-        _check_params(s, 4, 3)
+        check_params(s, 4, 3)
     with pytest.raises(UserError, match=r"segmenter.class_weights: 2 weights for the 4 classes"):
-        _check_params(dataclasses.replace(s, class_weights=(1.0, 2.0)), 4, 1)
-    _check_params(s, 4, 2)
+        check_params(dataclasses.replace(s, class_weights=(1.0, 2.0)), 4, 1)
+    check_params(s, 4, 2)
 
 
 @pytest.mark.slow
@@ -99,9 +99,9 @@ def test_overfits_a_few_mosaics(tiny_params, tiny_shards: Path) -> None:
     with distributed(cfg.train) as env:
         model, optimizer = build_model(cfg.segmenter, num_classes, env, cfg.seed, channels_last=True)
         train_step = SegmenterStep(cfg.segmenter, model, optimizer, env, steps, channels_last=True)
-        first = train_step(0, images, masks)["loss"]
+        first = train_step(0, images, masks)["train_loss"]
         for step in range(1, steps):
-            last = train_step(step, images, masks)["loss"]
+            last = train_step(step, images, masks)["train_loss"]
     model.eval()
     with torch.no_grad():
         pred = model.logits(images).argmax(1)  # the view it memorised (no augmentation here)
@@ -130,9 +130,9 @@ def test_one_and_two_processes_follow_the_same_loss_trajectory(tiny_params, tiny
     one, two = (json.loads((outs[n] / "losses.json").read_text()) for n in (1, 2))
     assert len(one) == len(two) == steps
     for a, b in zip(one, two, strict=True):
-        for term in ("loss", "ce", "dice"):
+        for term in ("train_loss", "train_ce", "train_dice"):
             assert a[term] == pytest.approx(b[term], abs=1e-4), (term, one, two)
-    assert one[-1]["loss"] < one[0]["loss"]
+    assert one[-1]["train_loss"] < one[0]["train_loss"]
     # 21 test mosaics over 2 ranks (11 + 10): each counted once, the same matrix as one process on the same weights.
     matrices = json.loads((outs[2] / "confusion.json").read_text())
     assert matrices["distributed"] == matrices["single"]

@@ -13,20 +13,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
-from PIL import Image
 from torch import Tensor
 
-from pipeline.distributed import all_gather_cat, all_reduce_sum, collective_device
-from pipeline.errors import UserError
-from pipeline.models.features import MIN_SIZE, inception_extractor, load_feature_extractor
+from pipeline.distributed import all_reduce_sum, collective_device
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 KID_SUBSETS = 100
 KID_SUBSET_SIZE = 1000
 _CHUNK = 1024  # rows per distance block: memory stays at _CHUNK x N
@@ -220,112 +214,3 @@ def diversity_ratio(real: Tensor, real_labels: Tensor, fake: Tensor, fake_labels
         ratios.append(diversity(f) / diversity(r) if min(r.shape[0], f.shape[0]) >= 2 else math.nan)
     measured = [x for x in ratios if not math.isnan(x)]
     return {"mean": float(np.mean(measured)) if measured else math.nan, "per_class": ratios}
-
-
-def gather_features(local: Tensor) -> Tensor:
-    """Rows of a rank-strided split gathered from every rank, in single-process order.
-
-    Rank r holds samples r, r + W, r + 2W, ... (as ``eval_batches`` gives them); the result has every
-    sample exactly once, in the order one process would have seen them. Returned on the CPU.
-    """
-    if not dist.is_initialized():
-        return local.detach().cpu()
-    rank, world = dist.get_rank(), dist.get_world_size()
-    device = collective_device()
-    index = torch.arange(local.shape[0], device=device) * world + rank
-    gathered = all_gather_cat(local.detach().to(device)).cpu()
-    order = all_gather_cat(index).cpu().argsort()
-    return gathered[order]
-
-
-def list_images(folder: Path) -> list[Path]:
-    """Image files directly in ``folder``, sorted; a missing or imageless folder is a UserError."""
-    if not folder.is_dir():
-        raise UserError(f"{folder}: folder not found")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise UserError(f"{folder}: no image files ({', '.join(IMAGE_SUFFIXES)})")
-    return files
-
-
-def _image_size(path: Path) -> tuple[int, int]:
-    try:
-        with Image.open(path) as im:
-            return im.size
-    except OSError as exc:  # PIL's UnidentifiedImageError included
-        raise UserError(f"{path}: cannot read image ({exc})") from None
-
-
-def _read_batch(paths: list[Path]) -> Tensor:
-    arrays = []
-    for path in paths:
-        try:
-            with Image.open(path) as im:
-                arrays.append(np.asarray(im.convert("RGB"), dtype=np.uint8))
-        except OSError as exc:
-            raise UserError(f"{path}: cannot read image ({exc})") from None
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255.0
-
-
-def _folder_features(files: list[Path], extractor: torch.nn.Module, batch_size: int, device: torch.device) -> Tensor:
-    chunks = []
-    with torch.no_grad():
-        for start in range(0, len(files), batch_size):
-            images = _read_batch(files[start : start + batch_size]).to(device)
-            chunks.append(extractor(images).to("cpu", torch.float64))
-    return torch.cat(chunks)
-
-
-def _extractor(features: str, device: torch.device) -> tuple[torch.nn.Module, str]:
-    if features == "inception":
-        return inception_extractor(device), "inception"
-    module, meta = load_feature_extractor(features, device)
-    return module, meta["sha256"]
-
-
-def _device(name: str) -> torch.device:
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device: unknown device {name!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device: {name!r} was asked for but no CUDA device is available")
-    return device
-
-
-def fid_between_folders(dir_a: Path, dir_b: Path, *, features: str, batch_size: int, device: str) -> dict:
-    """FID and KID between two folders of same-size images (like pytorch-fid's CLI); nothing is resized.
-
-    ``features`` is a texture extractor file or ``"inception"``. Returns fid, kid_mean, kid_std,
-    num_a, num_b and features (the extractor's sha256, or 'inception').
-    """
-    if batch_size < 1:
-        raise UserError(f"--batch-size: expected a positive integer, got {batch_size}")
-    files_a, files_b = list_images(Path(dir_a)), list_images(Path(dir_b))
-    for folder, files in ((dir_a, files_a), (dir_b, files_b)):
-        if len(files) < 2:
-            raise UserError(f"{folder}: FID needs at least 2 images, found {len(files)}")
-    size = _image_size(files_a[0])
-    for path in files_a + files_b:
-        if (odd := _image_size(path)) != size:
-            raise UserError(
-                f"{path}: image is {odd[0]}x{odd[1]} but {files_a[0]} is {size[0]}x{size[1]}; "
-                "all images must share one size"
-            )
-    if min(size) < MIN_SIZE:
-        raise UserError(f"{files_a[0]}: images must be at least {MIN_SIZE}x{MIN_SIZE} pixels, got {size[0]}x{size[1]}")
-    torch_device = _device(device)
-    extractor, name = _extractor(features, torch_device)
-    feats_a, feats_b = (_folder_features(f, extractor, batch_size, torch_device) for f in (files_a, files_b))
-    stats_a, stats_b = GaussianStats(feats_a.shape[1]), GaussianStats(feats_b.shape[1])
-    stats_a.update(feats_a)
-    stats_b.update(feats_b)
-    kid_mean, kid_std = kid(feats_a, feats_b, KID_SUBSETS, KID_SUBSET_SIZE, seed=0)
-    return {
-        "fid": fid_from_stats(stats_a, stats_b),
-        "kid_mean": kid_mean,
-        "kid_std": kid_std,
-        "num_a": len(files_a),
-        "num_b": len(files_b),
-        "features": name,
-    }

@@ -1,1 +1,1 @@
-"""Training loops that run outside torchrun (the FID feature extractor)."""
+"""Training: one loop (:mod:`pipeline.training.loop`) and a small task per trained model."""

@@ -1,68 +1,55 @@
-"""Train the U-Net texture segmenter under torchrun: DDP, validation each epoch, resumable.
+"""The texture segmenter as a task of the one training loop: model, augmented batches, per-epoch validation.
 
 Distribution: each rank trains on ``segmenter.batch_size / world_size`` mosaics per step from its own
-shards (:func:`pipeline.data.loaders.train_batches`). With ``segmenter.sync_bn`` BatchNorm statistics span
-the global batch and, the loss being a mean over images and pixels, a step is the same computation for any
-world size at the same global batch (``SegmenterStep`` is what the equivalence test drives); without it
-(the default: cheaper) each rank normalises by its own batch and the running statistics are averaged
-across ranks before each validation and checkpoint. Every random draw of a step
-(augmentations, dropout) is seeded from (seed, step, rank), and the epoch's batch stream is re-created and
-fast-forwarded on resume, so a resumed run continues exactly where its checkpoint left it.
+shards. With ``segmenter.sync_bn`` BatchNorm statistics span the global batch and, the loss being a mean
+over images and pixels, a step is the same computation for any world size at the same global batch
+(:class:`SegmenterStep` is what the equivalence test drives); without it (the default: cheaper) each rank
+normalises by its own batch and the loop averages the running statistics before each validation and
+checkpoint. Every random draw of a step (augmentations, dropout) is seeded from (seed, step, rank), and the
+batch stream is fast-forwarded on resume, so a resumed run continues exactly where its checkpoint left it.
 
-Validation after each epoch counts every val mosaic once across ranks into one confusion matrix; the
+Validation after each epoch counts every val mosaic once across ranks (:mod:`pipeline.evaluation`); the
 model with the best val mIoU is kept as ``out_dir/model.pt``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import inspect
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from pipeline.config import Config, SegmenterConfig
 from pipeline.data.augment import augment_batch, color_augment
-from pipeline.data.loaders import eval_batches, train_stream
 from pipeline.data.shards import MANIFEST, load_manifest
-from pipeline.distributed import (
-    DistEnv,
-    all_reduce_mean,
-    average_buffers,
-    convert_sync_batchnorm,
-    distributed,
-    plain_module,
-)
-from pipeline.engine import EXIT_STOPPED, GracefulStop, History, Session, Throughput, check_finite
+from pipeline.distributed import DistEnv, distributed, plain_module
+from pipeline.engine import GracefulStop, Session
 from pipeline.errors import UserError
-from pipeline.metrics.segmentation import ConfusionMatrix
+from pipeline.evaluation.segmenter import val_segmenter_scores
 from pipeline.models.unet import UNet, save_segmenter
+from pipeline.training.loop import (
+    CHECKPOINT_FORMAT,
+    Schedule,
+    Task,
+    backward_and_step,
+    derive_seed,
+    place,
+    rank_batches,
+    run,
+    seeded,
+    wrap_ddp,
+)
 
 STAGE = "train_segmenter"
 SECTIONS = ("data", "train", "segmenter")
 MODEL_FILE = "model.pt"
-HISTORY_FILE = "history.csv"
 POLY_POWER = 0.9  # DeepLab's poly schedule
 DICE_SMOOTH = 1.0  # keeps the Dice term finite for a class absent from an image and its prediction
 _INIT_STREAM, _AUGMENT_STREAM, _DROPOUT_STREAM = 0, 1, 2  # purposes of derived seeds
-STEP_METRICS = ("loss", "ce", "dice")
-# torch 2.13 renamed DDP's ``broadcast_buffers`` (and warns on the old name); older releases only know it.
-_NO_FORWARD_BUFFER_SYNC = (
-    {"forward_sync_buffers": False}
-    if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters
-    else {"broadcast_buffers": False}
-)
-
-
-def derive_seed(seed: int, *words: int) -> int:
-    """A 63-bit seed for one purpose (and step, rank) derived from the run's seed."""
-    return int(np.random.SeedSequence([seed, *words]).generate_state(2, np.uint64)[0] >> np.uint64(1))
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
@@ -98,36 +85,27 @@ def segmentation_loss(
 
 
 def build_model(
-    s: SegmenterConfig, num_classes: int, env: DistEnv, seed: int, channels_last: bool
+    s: SegmenterConfig, num_classes: int, env: DistEnv, seed: int, channels_last: bool, compiled: bool = False
 ) -> tuple[nn.Module, torch.optim.Optimizer]:
     """The U-Net (identical initial weights on every rank and world size; DDP when distributed) and AdamW.
 
     Weight decay applies to conv weights only, not to BatchNorm scales or biases.
     """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(derive_seed(seed, _INIT_STREAM))
-        model: nn.Module = UNet(
-            num_classes, s.channels, s.depth, s.upsample, s.dropout, s.dilated_bottleneck, s.decoder, s.tta
-        )
-    if env.distributed and s.sync_bn:
-        model = convert_sync_batchnorm(model, env.device)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model = model.to(env.device, memory_format=fmt)
+    model = seeded(
+        derive_seed(seed, _INIT_STREAM),
+        lambda: UNet(num_classes, s.channels, s.depth, s.upsample, s.dropout, s.dilated_bottleneck, s.decoder, s.tta),
+    )
+    model = place(model, env, sync_bn=s.sync_bn, channels_last=channels_last)
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": s.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=s.lr
     )
-    if env.distributed:
-        # No buffer broadcast at each forward (a collective per step): SyncBN's running statistics are
-        # identical on every rank, per-rank BN's are averaged before each validation and checkpoint.
-        ids = [env.device.index] if env.device.type == "cuda" else None
-        model = DDP(model, device_ids=ids, **_NO_FORWARD_BUFFER_SYNC)
-    return model, optimizer
+    return wrap_ddp(model, env, compiled), optimizer
 
 
 class SegmenterStep:
-    """One optimisation step on this rank's slice of the global batch; returns the loss terms averaged over ranks."""
+    """One optimisation step on this rank's slice of the global batch; returns this rank's loss terms."""
 
     def __init__(
         self,
@@ -142,11 +120,12 @@ class SegmenterStep:
         self.s, self.model, self.optimizer, self.env, self.total_steps = s, model, optimizer, env, total_steps
         self.fmt = torch.channels_last if channels_last else torch.contiguous_format
         self.class_weights = class_weights.to(env.device) if class_weights is not None else None
+        self.scaler = env.grad_scaler()
 
     def lr(self, step: int) -> float:
         return self.s.lr * lr_factor(step, self.total_steps, self.s.warmup_steps, self.s.schedule)
 
-    def __call__(self, step: int, images: Tensor, masks: Tensor) -> dict[str, float]:
+    def __call__(self, step: int, images: Tensor, masks: Tensor) -> dict[str, Tensor]:
         s, env = self.s, self.env
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr(step)
@@ -157,57 +136,13 @@ class SegmenterStep:
             logits = self.model(images)
         loss, terms = segmentation_loss(logits, masks, s.ce_weight, s.dice_weight, self.class_weights)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        # The same averaged values on every rank: a NaN stops all ranks at the same step.
-        return all_reduce_mean({k: float(v) for k, v in terms.items()}, env.device)
+        norm, skipped = backward_and_step(loss, self.optimizer, self.scaler, self.model.parameters())
+        values = {f"train_{k}": v for k, v in terms.items()} | {"train_grad_norm": norm}
+        return values if skipped is None else values | {"fp16_skipped": skipped}
 
 
-@torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    shard_dir: Path,
-    split: str,
-    batch_size: int,
-    num_classes: int,
-    env: DistEnv | None = None,
-    channels_last: bool = False,
-) -> dict[str, Any]:
-    """Confusion-matrix metrics (``iou``, ``miou``, ``pixel_accuracy``, ...) over every mosaic of ``split``.
-
-    With ``env``, each rank predicts its share (sample i on rank i % world_size) and the matrices are
-    summed over ranks, so every mosaic counts exactly once. ``env=None``: this process alone predicts every
-    mosaic (no collective, even inside a process group) on the model's device, in fp32. Scores one view
-    (``UNet.logits``): the test-time views would cost ~6x for a ranking of epochs that one view gives too;
-    the evaluate stage scores the model as it serves.
-    """
-    net = plain_module(model)  # no DDP wrapper: ranks may get different numbers of batches
-    was_training = net.training
-    net.eval()
-    device = env.device if env is not None else next(net.parameters()).device
-    rank, world = (env.rank, env.world_size) if env is not None else (0, 1)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    matrix = ConfusionMatrix(num_classes)
-    try:
-        for images, masks in eval_batches(shard_dir, "mosaics", split, batch_size, rank=rank, world_size=world):
-            images = images.to(device).contiguous(memory_format=fmt)
-            with env.autocast() if env is not None else contextlib.nullcontext():
-                logits = net.logits(images)
-            matrix.update(logits.argmax(1), masks)
-    finally:
-        net.train(was_training)
-    if env is not None:
-        matrix.reduce_from_all_processes()
-    return matrix.compute()
-
-
-def _val_metrics(result: dict[str, Any], classes: list[str]) -> dict[str, float]:
-    metrics = {"val_miou": result["miou"], "val_pixel_accuracy": result["pixel_accuracy"]}
-    metrics |= {f"val_iou_{name}": iou for name, iou in zip(classes, result["iou"], strict=True)}
-    return metrics
-
-
-def _check_params(s: SegmenterConfig, num_classes: int, world_size: int) -> None:
+def check_params(s: SegmenterConfig, num_classes: int, world_size: int) -> None:
+    """Params that cannot work with these shards or this world size, as one-line user errors."""
     if s.batch_size % world_size:
         raise UserError(
             f"segmenter.batch_size: {s.batch_size} does not divide by the world size {world_size} "
@@ -219,129 +154,103 @@ def _check_params(s: SegmenterConfig, num_classes: int, world_size: int) -> None
         )
 
 
+class SegmenterTask(Task):
+    """The segmenter trained on augmented mosaics by :class:`SegmenterStep`, validated once per epoch."""
+
+    stage, sections, data_kind = STAGE, SECTIONS, "mosaics"
+    best_metric, maximize = "val_miou", True
+    postfix = ("train_loss", "lr", "best_val_miou")
+
+    def __init__(self, cfg: Config, shard_dir: Path, out_dir: Path, env: DistEnv) -> None:
+        s = cfg.segmenter
+        self.cfg, self.env, self.shard_dir, self.out_dir = cfg, env, shard_dir, out_dir
+        self.classes = list(load_manifest(shard_dir)["classes"])
+        check_params(s, len(self.classes), env.world_size)
+        self.sync_bn = s.sync_bn
+        total = s.epochs * s.steps_per_epoch
+        self.schedule = Schedule(
+            total=total,
+            batch_size=s.batch_size,
+            log_every=s.log_every,
+            validate_every=s.steps_per_epoch,
+            checkpoint_every=s.checkpoint_every,
+        )
+        self.model, self.optimizer = build_model(
+            s, len(self.classes), env, cfg.seed, cfg.train.channels_last, cfg.train.compile
+        )
+        weights = torch.tensor(s.class_weights, dtype=torch.float32) if s.class_weights else None
+        self.step_fn = SegmenterStep(s, self.model, self.optimizer, env, total, cfg.train.channels_last, weights)
+        self.scales = (1.0 - s.scale_augment, 1.0 + s.scale_augment) if s.scale_augment > 0 else None
+        self.last: dict[str, Any] = {}
+
+    @property
+    def num_params(self) -> int:
+        return sum(p.numel() for p in plain_module(self.model).parameters())
+
+    def batches(self, start: int) -> Iterator[tuple[Tensor, Tensor]]:
+        s = self.cfg.segmenter
+        return rank_batches(self.cfg, self.env, self.shard_dir, "mosaics", s.batch_size, s.steps_per_epoch, start)
+
+    def step(self, step: int, batch: tuple[Tensor, Tensor]) -> dict[str, Tensor]:
+        cfg, s, geometry = self.cfg, self.cfg.segmenter, self.cfg.data.augment
+        gen = torch.Generator().manual_seed(derive_seed(cfg.seed, _AUGMENT_STREAM, step, self.env.rank))
+        images, masks = augment_batch(
+            *batch, len(self.classes), gen, flip=geometry.flip, rot90=geometry.rot90, scale_range=self.scales
+        )
+        images = color_augment(images, gen, s.color_augment)
+        torch.manual_seed(derive_seed(cfg.seed, _DROPOUT_STREAM, step, self.env.rank))
+        return self.step_fn(step, images, masks)
+
+    def log_values(self, step: int) -> dict[str, float]:
+        return {"lr": self.step_fn.lr(step)}
+
+    def validate(self, step: int) -> dict[str, float]:
+        s = self.cfg.segmenter
+        scores = val_segmenter_scores(
+            self.model, self.shard_dir, s.batch_size // self.env.world_size, self.env, self.classes,
+            self.cfg.train.channels_last,
+        )  # fmt: skip
+        self.last = scores["result"] | {"epoch": step // s.steps_per_epoch}
+        return scores["metrics"] | {"epoch": self.last["epoch"]}
+
+    def best_meta(self) -> dict[str, Any]:
+        r = self.last
+        return {"epoch": r["epoch"], "val_pixel_accuracy": r["pixel_accuracy"], "val_iou": r["iou"]}
+
+    def modules(self) -> list[nn.Module]:
+        return [plain_module(self.model)]
+
+    def weights(self) -> dict[str, Tensor]:
+        return plain_module(self.model).state_dict()
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "model": plain_module(self.model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.step_fn.scaler.state_dict(),
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        plain_module(self.model).load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if state["scaler"]:
+            self.step_fn.scaler.load_state_dict(state["scaler"])
+
+    def export(self, weights: dict[str, Tensor], meta: dict[str, Any]) -> None:
+        model = UNet(**plain_module(self.model).kwargs)
+        model.load_state_dict(weights)
+        save_segmenter(self.out_dir / MODEL_FILE, model, {"classes": self.classes} | meta)
+
+
 def train_segmenter(cfg: Config, shard_dir: Path, out_dir: Path, ckpt_dir: Path) -> None:
     """Train with the params of ``cfg.segmenter`` under the current torchrun job (or alone).
 
     Writes (rank 0) ``out_dir/model.pt`` (best val mIoU), ``out_dir/run.json``, ``out_dir/history.csv``
-    and the resumable ``ckpt_dir/last.pt``. SIGTERM/SIGINT: checkpoint, then ``SystemExit(143)``.
+    and the resumable ``ckpt_dir/last.pt``.
     """
-    shard_dir, out_dir, ckpt_dir = Path(shard_dir), Path(out_dir), Path(ckpt_dir)
-    s = cfg.segmenter
-    classes = list(load_manifest(shard_dir)["classes"])
-    num_classes = len(classes)
+    shard_dir, out_dir = Path(shard_dir), Path(out_dir)
     with distributed(cfg.train) as env, GracefulStop() as stop:
-        _check_params(s, num_classes, env.world_size)
-        local_batch = s.batch_size // env.world_size
-        channels_last = cfg.train.channels_last
-        session = Session(cfg, STAGE, SECTIONS, env, ckpt_dir, out_dir, shard_dir / MANIFEST)
-        model, optimizer = build_model(s, num_classes, env, cfg.seed, channels_last)
-        total = s.epochs * s.steps_per_epoch
-        weights = torch.tensor(s.class_weights, dtype=torch.float32) if s.class_weights else None
-        train_step = SegmenterStep(s, model, optimizer, env, total, channels_last, weights)
-
-        step, history, best, best_state = 0, History(), {"val_miou": -math.inf, "epoch": 0}, None
-        ckpt = session.resume()
-        if ckpt is not None and ckpt["step"] >= total:
-            # A finished run's checkpoint: the stage is being rerun (DVC reruns only when something changed).
-            session.print(f"{STAGE}: {session.last_path} is from a finished run; training from scratch")
-            ckpt, session.run_id = None, None
-        if ckpt is not None:
-            plain_module(model).load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            step, history, best, best_state = ckpt["step"], History(ckpt["history"]), ckpt["best"], ckpt["best_model"]
-        n_params = sum(p.numel() for p in plain_module(model).parameters())
-        session.start_run(tags={"model.num_params": str(n_params), "model.classes": ",".join(classes)})
-
-        def state() -> dict[str, Any]:
-            return {
-                "model": plain_module(model).state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "history": history.rows,
-                "best": best,
-                "best_model": best_state,
-            }
-
-        def settle() -> None:
-            """One model on every rank (per-rank BatchNorm statistics averaged) before validating or saving."""
-            if env.distributed and not s.sync_bn:
-                average_buffers(plain_module(model))
-
-        geometry = cfg.data.augment
-        scales = (1.0 - s.scale_augment, 1.0 + s.scale_augment) if s.scale_augment > 0 else None
-        bar = session.progress(total, step, STAGE)
-        speed, window = Throughput(), []
-        try:
-            batches = train_stream(
-                shard_dir,
-                "mosaics",
-                local_batch,
-                s.steps_per_epoch,
-                rank=env.rank,
-                world_size=env.world_size,
-                num_workers=cfg.train.num_workers,
-                seed=cfg.seed,
-                start=step,
-            )
-            while step < total:
-                images, masks = next(batches)
-                gen = torch.Generator().manual_seed(derive_seed(cfg.seed, _AUGMENT_STREAM, step, env.rank))
-                images, masks = augment_batch(
-                    images, masks, num_classes, gen, flip=geometry.flip, rot90=geometry.rot90, scale_range=scales
-                )
-                images = color_augment(images, gen, s.color_augment)
-                torch.manual_seed(derive_seed(cfg.seed, _DROPOUT_STREAM, step, env.rank))
-                terms = train_step(step, images, masks)
-                check_finite(terms, step, session.last_path)
-                window.append(terms)
-                speed.add(s.batch_size)
-                step += 1
-                bar.update(1)
-                if step % s.log_every == 0 or step == total:
-                    logged = {f"train_{k}": sum(w[k] for w in window) / len(window) for k in STEP_METRICS}
-                    logged |= {"lr": train_step.lr(step - 1), "samples_per_s": speed.rate()}
-                    window.clear()
-                    history.append(step, logged)
-                    session.logger.log_metrics(logged, step)
-                    bar.set_postfix(loss=f"{logged['train_loss']:.3f}", lr=f"{logged['lr']:.2e}")
-                epoch, within = divmod(step, s.steps_per_epoch)
-                epoch_end = within == 0
-                saved = epoch_end or step % s.checkpoint_every == 0
-                if saved:
-                    settle()
-                if epoch_end:
-                    result = evaluate(model, shard_dir, "val", local_batch, num_classes, env, channels_last)
-                    metrics = _val_metrics(result, classes) | {"epoch": epoch}
-                    history.append(step, metrics)
-                    session.logger.log_metrics(metrics, step)
-                    session.print(f"{STAGE}: epoch {epoch}/{s.epochs}: val mIoU {result['miou']:.4f}")
-                    if result["miou"] > best["val_miou"]:
-                        best = {"val_miou": result["miou"], "epoch": epoch, "step": step}
-                        best |= {"val_pixel_accuracy": result["pixel_accuracy"], "val_iou": result["iou"]}
-                        best_state = {k: v.detach().cpu().clone() for k, v in plain_module(model).state_dict().items()}
-                if saved:
-                    session.save(state(), step)
-                if step < total and stop.should_stop(env.device):
-                    if not saved:
-                        settle()
-                        session.save(state(), step)
-                    session.print(f"{STAGE}: stopped at step {step}/{total}; resumable from {session.last_path}")
-                    session.logger.end("KILLED")
-                    raise SystemExit(EXIT_STOPPED)
-        except SystemExit:
-            raise
-        except BaseException:
-            session.logger.end("FAILED")
-            raise
-        finally:
-            bar.close()
-        if env.is_main:
-            best_model = UNet(**plain_module(model).kwargs)
-            best_model.load_state_dict(best_state)
-            save_segmenter(out_dir / MODEL_FILE, best_model, {"classes": classes, "run_id": session.run_id, **best})
-            history.write_csv(out_dir / HISTORY_FILE)
-        session.write_run_json()
-        session.logger.log_metrics({"best_val_miou": best["val_miou"], "best_epoch": best["epoch"]}, total)
-        session.logger.end("FINISHED")
-        session.print(
-            f"{STAGE}: best val mIoU {best['val_miou']:.4f} (epoch {best['epoch']}) -> {out_dir / MODEL_FILE}"
-        )
+        task = SegmenterTask(cfg, shard_dir, out_dir, env)
+        session = Session(cfg, STAGE, SECTIONS, env, Path(ckpt_dir), out_dir, shard_dir / MANIFEST, CHECKPOINT_FORMAT)
+        tags = {"model.num_params": str(task.num_params), "model.classes": ",".join(task.classes)}
+        run(task, session, env, stop, tags=tags)

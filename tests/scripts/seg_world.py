@@ -17,8 +17,10 @@ import torch
 from pipeline import config
 from pipeline.data.loaders import eval_batches
 from pipeline.data.shards import load_manifest
-from pipeline.distributed import distributed, plain_module
-from pipeline.training.segmenter import SegmenterStep, build_model, evaluate
+from pipeline.distributed import all_reduce_mean, distributed, plain_module
+from pipeline.evaluation.segmenter import split_confusion
+from pipeline.metrics.segmentation import ConfusionMatrix
+from pipeline.training.segmenter import SegmenterStep, build_model
 
 params, shards, out, steps = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4])
 cfg = config.load(params)
@@ -32,11 +34,16 @@ with distributed(cfg.train) as env:
     terms = []
     for step, (images, masks) in enumerate(islice(batches, steps)):
         rows = slice(env.rank * local, (env.rank + 1) * local)
-        terms.append(step_fn(step, images[rows], masks[rows]))
-    spread = evaluate(model, shards, "test", local, num_classes, env)
-    if env.is_main:
-        alone = evaluate(model, shards, "test", s.batch_size, num_classes)
-        matrices = {"distributed": spread["confusion"], "single": alone["confusion"]}
+        terms.append(all_reduce_mean(step_fn(step, images[rows], masks[rows]), env.device))
+    net = plain_module(model)
+    spread = split_confusion(model, shards, "test", local, env, {"single": net.logits})["single"].compute()
+    if env.is_main:  # this process alone, no collective: every test mosaic through the same weights
+        net.eval()
+        alone = ConfusionMatrix(num_classes)
+        with torch.no_grad():
+            for images, masks in eval_batches(shards, "mosaics", "test", s.batch_size, rank=0, world_size=1):
+                alone.update(net.logits(images).argmax(1), masks)
+        matrices = {"distributed": spread["confusion"], "single": alone.compute()["confusion"]}
         (out / "confusion.json").write_text(json.dumps(matrices))
         (out / "losses.json").write_text(json.dumps(terms))
         torch.save(plain_module(model).state_dict(), out / "model.pt")
