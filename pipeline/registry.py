@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline import config
-from pipeline.config import Config, flatten
+from pipeline.config import Config
 from pipeline.errors import UserError, one_line
 from pipeline.serving import ARTIFACT
 from pipeline.tracking import (
@@ -44,10 +44,12 @@ if TYPE_CHECKING:
 MODEL_NAMES = {"gan": "texture-gan", "segmenter": "texture-segmenter"}
 MODEL_FILES = {"gan": "generator.pt", "segmenter": "model.pt"}
 REQUIRED_METRICS = {"gan": ("fid", "fid_ratio", "recall", "diversity", "fid_features"), "segmenter": ("miou",)}
+# A version's tags, 12 at most: these headline metrics (the gate's and the champion comparison's), the gate
+# verdict (its reason names the thresholds) and lineage. The whole evaluation stays in the training run.
+TAG_METRICS = {"gan": REQUIRED_METRICS["gan"], "segmenter": (*REQUIRED_METRICS["segmenter"], "pixel_accuracy")}
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 TAG_MODEL_SHA = "model.sha256"
-TAG_REGISTER_STAGE = "dvc.register_stage"
 TAG_GATE_PASSED = "gate.passed"
 TAG_GATE_REASON = "gate.reason"
 DESCRIPTIONS = {
@@ -259,17 +261,9 @@ def metrics_from_tags(kind: str, tags: dict[str, str], label: str) -> dict[str, 
 # --- logging and registration -----------------------------------------------------------------------------
 
 
-def _tag_key(key: str) -> str:
-    return re.sub(r"[^\w.\- /]", "_", key)
-
-
-def metric_tags(metrics: dict[str, Any]) -> dict[str, str]:
-    """Evaluation metrics as version tags (nested keys dotted: ``iou.stripes``, ``baselines.fid_real``)."""
-    return {
-        _tag_key(k): json.dumps(v) if isinstance(v, (list, dict)) else str(v)
-        for k, v in flatten(metrics).items()
-        if v is not None
-    }
+def metric_tags(kind: str, metrics: dict[str, Any]) -> dict[str, str]:
+    """The :data:`TAG_METRICS` of ``kind`` as version tags (none for a value that is None: NaN in the metrics file)."""
+    return {key: str(metrics[key]) for key in TAG_METRICS[kind] if metrics.get(key) is not None}
 
 
 def _pip_requirements() -> list[str]:
@@ -309,7 +303,7 @@ def log_pyfunc(kind: str, model_file: Path, run_id: str, experiment_id: str, sha
     if kind == "gan":
         from pipeline.models.gan import load_generator as load
     else:
-        from pipeline.models.unet import load_segmenter as load
+        from pipeline.models.segmenters import load_segmenter as load
     _, meta = load(model_file, device="cpu")
     classes = list(meta["classes"])
     signature, example = _signature_and_example(kind, classes)
@@ -362,7 +356,7 @@ def _training_run(client: MlflowClient, run_id: str, record: dict[str, Any], uri
         ) from None
 
 
-def _description(name: str, run: Any, train_stage: str) -> str:
+def _description(name: str, run: Any, train_stage: str, dvc_stage: str) -> str:
     tags = run.data.tags
     commit = tags.get(TAG_GIT_COMMIT, "unknown")
     if commit == "unknown":
@@ -371,7 +365,8 @@ def _description(name: str, run: Any, train_stage: str) -> str:
         how = f"reproduce with: git checkout {commit} && dvc repro"
         if tags.get(TAG_GIT_DIRTY) == "true":
             how += " (the working tree had uncommitted changes at training time)"
-    return f"{name} trained by DVC stage {train_stage}, MLflow run {run.info.run_id}. {how}"
+    run_id = run.info.run_id
+    return f"{name} trained by DVC stage {train_stage}, MLflow run {run_id}, registered by DVC stage {dvc_stage}. {how}"
 
 
 def _record(name: str, mv: ModelVersion, passed: bool, reason: str, created: bool, uri: str) -> dict[str, Any]:
@@ -426,13 +421,11 @@ def register_model(
     passed = gate_ok and beats
     reason = f"gate {'passed' if gate_ok else 'failed'} ({gate_reason}); {comparison}"
     train_stage = run.data.tags.get(TAG_STAGE, f"train_{kind}")
-    tags = metric_tags(metrics) | {
+    # Lineage: the run id is the version's own field and the stages and a dirty tree are in its description.
+    tags = metric_tags(kind, metrics) | {
         TAG_GIT_COMMIT: run.data.tags.get(TAG_GIT_COMMIT, "unknown"),
-        TAG_GIT_DIRTY: run.data.tags.get(TAG_GIT_DIRTY, "unknown"),
         TAG_MANIFEST: run.data.tags.get(TAG_MANIFEST, "unknown"),
         TAG_PARAMS_HASH: run.data.tags.get(TAG_PARAMS_HASH, "unknown"),
-        TAG_STAGE: train_stage,
-        TAG_REGISTER_STAGE: dvc_stage,
         TAG_MODEL_SHA: sha256,
         TAG_GATE_PASSED: str(passed).lower(),
         TAG_GATE_REASON: reason,
@@ -442,7 +435,7 @@ def register_model(
         source=info.model_uri,
         run_id=run_id,
         tags=tags,
-        description=_description(name, run, train_stage),
+        description=_description(name, run, train_stage, dvc_stage),
         model_id=info.model_id,
     )
     client.set_registered_model_alias(name, CHAMPION if passed else CHALLENGER, mv.version)
@@ -482,7 +475,7 @@ def _rejudge(
             parts += [comparison, f"v{version} is challenger"]
         client.set_registered_model_alias(name, CHALLENGER, version)
     reason = "; ".join(parts)
-    tags = {k: v for k, v in metric_tags(metrics).items() if mv.tags.get(k) != v}
+    tags = {k: v for k, v in metric_tags(kind, metrics).items() if mv.tags.get(k) != v}
     for key, value in (tags | {TAG_GATE_PASSED: str(passed).lower(), TAG_GATE_REASON: reason}).items():
         client.set_model_version_tag(name, version, key, value)
     return passed, reason

@@ -52,7 +52,7 @@ class SegmenterModel(mlflow.pyfunc.PythonModel):
     """``texture-segmenter``: per-pixel class indices of RGB images."""
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
-        from pipeline.models.unet import load_segmenter
+        from pipeline.models.segmenters import load_segmenter
 
         self.model, meta = load_segmenter(context.artifacts[ARTIFACT], device="cpu")
         self.classes = list(meta["classes"])

@@ -171,7 +171,8 @@ def fake_training(tmp_path: Path, tracking_server: MlflowServer) -> FakeTraining
 
             save_generator(out / "generator.pt", Generator(len(classes), z_dim=8, channels=8, image_size=16), meta)
         else:
-            from pipeline.models.unet import UNet, save_segmenter
+            from pipeline.models.segmenters import save_segmenter
+            from pipeline.models.unet import UNet
 
             save_segmenter(out / "model.pt", UNet(len(classes), channels=4, depth=2), meta)
         record = {"run_id": run_id, "experiment": cfg.mlflow.experiment, "tracking_uri": tracking.tracking_uri(cfg)}

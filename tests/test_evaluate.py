@@ -26,7 +26,8 @@ from pipeline.evaluation import segmenter as ev_seg
 from pipeline.images import palette
 from pipeline.models.features import TextureFeatureNet, load_feature_extractor, save_feature_extractor
 from pipeline.models.gan import Generator, save_generator
-from pipeline.models.unet import UNet, load_segmenter, save_segmenter
+from pipeline.models.segmenters import load_segmenter, save_segmenter
+from pipeline.models.unet import UNet
 from pipeline.tracking import RunLogger, file_sha256
 from tests.conftest import ROOT, write_params
 

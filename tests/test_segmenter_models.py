@@ -204,7 +204,6 @@ def test_files_without_an_arch_are_unets_and_unknown_archs_are_rejected(tmp_path
     assert type(loaded) is unet.UNet
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
-    assert unet.load_segmenter is load_segmenter and unet.save_segmenter is save_segmenter  # the older import path
     alien = tmp_path / "alien.pt"
     checkpoint.save_model(alien, model, {"arch": "vit", **model.kwargs}, {})
     with pytest.raises(CheckpointError, match=r"alien\.pt: not a segmenter model file .*unknown segmenter arch 'vit'"):

@@ -21,7 +21,7 @@ from PIL import Image
 
 from pipeline import config, registry, serving, use
 from pipeline.images import palette
-from pipeline.models.unet import load_segmenter
+from pipeline.models.segmenters import load_segmenter
 from pipeline.tracking import RunLogger, file_sha256
 
 pytest.register_assert_rewrite("tests.mlflow_server")  # imported here before pytest_plugins loads it

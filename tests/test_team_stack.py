@@ -151,7 +151,8 @@ def _trained_models(cfg: config.Config, base: Path) -> dict[str, Path]:
 
     from pipeline.checkpoint import atomic_write_json
     from pipeline.models.gan import Generator, save_generator
-    from pipeline.models.unet import UNet, save_segmenter
+    from pipeline.models.segmenters import save_segmenter
+    from pipeline.models.unet import UNet
 
     classes = list(cfg.data.classes)
     paths = {}

@@ -23,7 +23,8 @@ from pipeline.distributed import distributed
 from pipeline.engine import EXIT_STOPPED, NonFiniteLossError
 from pipeline.errors import UserError
 from pipeline.metrics.segmentation import ConfusionMatrix
-from pipeline.models.unet import UNet, load_segmenter
+from pipeline.models.segmenters import load_segmenter
+from pipeline.models.unet import UNet
 from pipeline.training.segmenter import (
     SegmenterStep,
     build_model,
@@ -113,10 +114,14 @@ def test_overfits_a_few_mosaics(tiny_params, tiny_shards: Path) -> None:
 
 
 @pytest.mark.slow
-def test_one_and_two_processes_follow_the_same_loss_trajectory(tiny_params, tiny_shards: Path, tmp_path: Path) -> None:
-    """Same global batches: 1 process vs 2 gloo processes (SyncBatchNorm + DDP) give the same losses and weights."""
+@pytest.mark.parametrize("arch", ["unet", "fcn", "deeplabv3", "segformer", "renet"])
+def test_one_and_two_processes_follow_the_same_loss_trajectory(
+    arch: str, tiny_params, tiny_shards: Path, tmp_path: Path
+) -> None:
+    """Same global batches: 1 process vs 2 gloo processes (SyncBatchNorm + DDP) give the same losses and weights,
+    for every segmenter family."""
     # SyncBN makes the step the same computation at any world size; fp32 keeps the comparison exact.
-    params = tiny_params({"segmenter.sync_bn": True, "train.precision": "fp32"})
+    params = tiny_params({"segmenter.arch": arch, "segmenter.sync_bn": True, "train.precision": "fp32"})
     steps = 6
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     outs = {n: tmp_path / f"world{n}" for n in (1, 2)}
@@ -129,17 +134,22 @@ def test_one_and_two_processes_follow_the_same_loss_trajectory(tiny_params, tiny
     assert single.wait(timeout=TIMEOUT) == 0 and double.returncode == 0
     one, two = (json.loads((outs[n] / "losses.json").read_text()) for n in (1, 2))
     assert len(one) == len(two) == steps
+    # The first step is the same computation on the same weights: equal up to float32 round-off.
+    for term in ("train_loss", "train_ce", "train_dice", "train_grad_norm"):
+        assert one[0][term] == pytest.approx(two[0][term], rel=1e-5), (term, one[0], two[0])
+    # Adam then amplifies that round-off (g / sqrt(v) of near-zero gradients): measured 2e-7 -> 5e-3 in the
+    # loss over 6 steps for fcn, under 1e-4 for the U-Net.
     for a, b in zip(one, two, strict=True):
         for term in ("train_loss", "train_ce", "train_dice"):
-            assert a[term] == pytest.approx(b[term], abs=1e-4), (term, one, two)
-    assert one[-1]["train_loss"] < one[0]["train_loss"]
+            assert a[term] == pytest.approx(b[term], abs=1e-4 if arch == "unet" else 2e-2), (term, one, two)
+    assert arch != "unet" or one[-1]["train_loss"] < one[0]["train_loss"]  # the others: tests/test_segmenter_models.py
     # 21 test mosaics over 2 ranks (11 + 10): each counted once, the same matrix as one process on the same weights.
     matrices = json.loads((outs[2] / "confusion.json").read_text())
     assert matrices["distributed"] == matrices["single"]
     assert sum(map(sum, matrices["distributed"])) == 21 * 32 * 32
     w1, w2 = (torch.load(outs[n] / "model.pt", weights_only=True) for n in (1, 2))
     assert w1.keys() == w2.keys()
-    for key in w1:
+    for key in w1 if arch == "unet" else ():  # the others' weights carry the amplified round-off above
         torch.testing.assert_close(w2[key], w1[key], atol=1e-4, rtol=1e-3, msg=key)
 
 
@@ -259,3 +269,19 @@ def test_non_finite_loss_stops_with_a_clear_error(tiny_params, tiny_shards: Path
     (run,) = _runs(tmp_path / "mlflow.db")
     assert run.info.status == "FAILED"
     assert not (tmp_path / "out" / "model.pt").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["fcn", "deeplabv3", "segformer", "renet"])
+def test_every_family_trains_through_the_stage_and_loads_as_itself(
+    arch: str, tiny_params, tiny_shards: Path, tmp_path: Path
+) -> None:
+    """One process, one epoch: the stage saves the family's best model; the one loader gives it back, tagged."""
+    overrides = {"segmenter.arch": arch, "segmenter.epochs": 1, "train.nproc_per_node": 1}
+    _run_stage(tiny_params(overrides), tiny_shards, tmp_path, tmp_path / "mlflow.db", nproc=1)
+    model, meta = load_segmenter(tmp_path / "models" / "model.pt")
+    assert model.arch == arch and meta["classes"] == ["stripes", "checker", "dots", "brick"]
+    (run,) = _runs(tmp_path / "mlflow.db")
+    assert run.data.tags["model.arch"] == arch and run.data.params["segmenter.arch"] == arch
+    with torch.no_grad():
+        assert model(torch.rand(1, 3, 32, 32)).shape == (1, 4, 32, 32)

@@ -25,7 +25,7 @@ from pipeline.distributed import DistEnv, all_reduce_sum, collective_device, gat
 from pipeline.evaluation.features import check_classes, chunk_seed
 from pipeline.images import to_uint8
 from pipeline.metrics.segmentation import ConfusionMatrix
-from pipeline.models.unet import load_segmenter
+from pipeline.models.segmenters import load_segmenter
 
 SEGMENTATION_EXAMPLES = 4  # test mosaics shown image | truth | prediction
 CONFUSION_SAMPLES = 20_000  # test pixels written for DVC's confusion plot

@@ -12,7 +12,7 @@ Test-time views, input normalisation and any input size come from :class:`~pipel
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -116,13 +116,3 @@ class UNet(Segmenter):
         for up, skip in zip(self.up, reversed(skips), strict=True):
             x = up(x, skip)
         return self.head(x)
-
-
-def __getattr__(name: str) -> Any:
-    """``save_segmenter``/``load_segmenter`` (every family) live in :mod:`pipeline.models.segmenters`; importable
-    from here too for the callers that predate the other families."""
-    if name in ("save_segmenter", "load_segmenter"):
-        from pipeline.models import segmenters
-
-        return getattr(segmenters, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

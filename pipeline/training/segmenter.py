@@ -30,7 +30,7 @@ from pipeline.distributed import DistEnv, distributed, plain_module
 from pipeline.engine import GracefulStop, Session
 from pipeline.errors import UserError
 from pipeline.evaluation.segmenter import val_segmenter_scores
-from pipeline.models.unet import UNet, save_segmenter
+from pipeline.models.segmenters import build_segmenter, save_segmenter, segmenter_from_config
 from pipeline.training.loop import (
     CHECKPOINT_FORMAT,
     Schedule,
@@ -93,7 +93,7 @@ def build_model(
     """
     model = seeded(
         derive_seed(seed, _INIT_STREAM),
-        lambda: UNet(num_classes, s.channels, s.depth, s.upsample, s.dropout, s.dilated_bottleneck, s.decoder, s.tta),
+        lambda: segmenter_from_config(s, num_classes),
     )
     model = place(model, env, sync_bn=s.sync_bn, channels_last=channels_last)
     decay = [p for p in model.parameters() if p.ndim > 1]
@@ -237,7 +237,8 @@ class SegmenterTask(Task):
             self.step_fn.scaler.load_state_dict(state["scaler"])
 
     def export(self, weights: dict[str, Tensor], meta: dict[str, Any]) -> None:
-        model = UNet(**plain_module(self.model).kwargs)
+        net = plain_module(self.model)
+        model = build_segmenter(net.arch, **net.kwargs)  # plain BatchNorm, whatever the training used
         model.load_state_dict(weights)
         save_segmenter(self.out_dir / MODEL_FILE, model, {"classes": self.classes} | meta)
 
@@ -252,5 +253,6 @@ def train_segmenter(cfg: Config, shard_dir: Path, out_dir: Path, ckpt_dir: Path)
     with distributed(cfg.train) as env, GracefulStop() as stop:
         task = SegmenterTask(cfg, shard_dir, out_dir, env)
         session = Session(cfg, STAGE, SECTIONS, env, Path(ckpt_dir), out_dir, shard_dir / MANIFEST, CHECKPOINT_FORMAT)
-        tags = {"model.num_params": str(task.num_params), "model.classes": ",".join(task.classes)}
+        tags = {"model.arch": cfg.segmenter.arch, "model.num_params": str(task.num_params)}
+        tags["model.classes"] = ",".join(task.classes)
         run(task, session, env, stop, tags=tags)
