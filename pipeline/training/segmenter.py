@@ -31,18 +31,7 @@ from pipeline.engine import GracefulStop, Session
 from pipeline.errors import UserError
 from pipeline.evaluation.segmenter import val_segmenter_scores
 from pipeline.models.segmenters import build_segmenter, save_segmenter, segmenter_from_config
-from pipeline.training.loop import (
-    CHECKPOINT_FORMAT,
-    Schedule,
-    Task,
-    backward_and_step,
-    derive_seed,
-    place,
-    rank_batches,
-    run,
-    seeded,
-    wrap_ddp,
-)
+from pipeline.training import loop
 
 STAGE = "train_segmenter"
 SECTIONS = ("data", "train", "segmenter")
@@ -91,17 +80,17 @@ def build_model(
 
     Weight decay applies to conv weights only, not to BatchNorm scales or biases.
     """
-    model = seeded(
-        derive_seed(seed, _INIT_STREAM),
+    model = loop.seeded(
+        loop.derive_seed(seed, _INIT_STREAM),
         lambda: segmenter_from_config(s, num_classes),
     )
-    model = place(model, env, sync_bn=s.sync_bn, channels_last=channels_last)
+    model = loop.place(model, env, sync_bn=s.sync_bn, channels_last=channels_last)
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": s.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=s.lr
     )
-    return wrap_ddp(model, env, compiled), optimizer
+    return loop.wrap_ddp(model, env, compiled), optimizer
 
 
 class SegmenterStep:
@@ -136,7 +125,7 @@ class SegmenterStep:
             logits = self.model(images)
         loss, terms = segmentation_loss(logits, masks, s.ce_weight, s.dice_weight, self.class_weights)
         self.optimizer.zero_grad(set_to_none=True)
-        norm, skipped = backward_and_step(loss, self.optimizer, self.scaler, self.model.parameters())
+        norm, skipped = loop.backward_and_step(loss, self.optimizer, self.scaler, self.model.parameters())
         values = {f"train_{k}": v for k, v in terms.items()} | {"train_grad_norm": norm}
         return values if skipped is None else values | {"fp16_skipped": skipped}
 
@@ -154,7 +143,7 @@ def check_params(s: SegmenterConfig, num_classes: int, world_size: int) -> None:
         )
 
 
-class SegmenterTask(Task):
+class SegmenterTask(loop.Task):
     """The segmenter trained on augmented mosaics by :class:`SegmenterStep`, validated once per epoch."""
 
     stage, sections, data_kind = STAGE, SECTIONS, "mosaics"
@@ -168,7 +157,7 @@ class SegmenterTask(Task):
         check_params(s, len(self.classes), env.world_size)
         self.sync_bn = s.sync_bn
         total = s.epochs * s.steps_per_epoch
-        self.schedule = Schedule(
+        self.schedule = loop.Schedule(
             total=total,
             batch_size=s.batch_size,
             log_every=s.log_every,
@@ -189,16 +178,16 @@ class SegmenterTask(Task):
 
     def batches(self, start: int) -> Iterator[tuple[Tensor, Tensor]]:
         s = self.cfg.segmenter
-        return rank_batches(self.cfg, self.env, self.shard_dir, "mosaics", s.batch_size, s.steps_per_epoch, start)
+        return loop.rank_batches(self.cfg, self.env, self.shard_dir, "mosaics", s.batch_size, s.steps_per_epoch, start)
 
     def step(self, step: int, batch: tuple[Tensor, Tensor]) -> dict[str, Tensor]:
         cfg, s, geometry = self.cfg, self.cfg.segmenter, self.cfg.data.augment
-        gen = torch.Generator().manual_seed(derive_seed(cfg.seed, _AUGMENT_STREAM, step, self.env.rank))
+        gen = torch.Generator().manual_seed(loop.derive_seed(cfg.seed, _AUGMENT_STREAM, step, self.env.rank))
         images, masks = augment_batch(
             *batch, len(self.classes), gen, flip=geometry.flip, rot90=geometry.rot90, scale_range=self.scales
         )
         images = color_augment(images, gen, s.color_augment)
-        torch.manual_seed(derive_seed(cfg.seed, _DROPOUT_STREAM, step, self.env.rank))
+        torch.manual_seed(loop.derive_seed(cfg.seed, _DROPOUT_STREAM, step, self.env.rank))
         return self.step_fn(step, images, masks)
 
     def log_values(self, step: int) -> dict[str, float]:
@@ -252,7 +241,8 @@ def train_segmenter(cfg: Config, shard_dir: Path, out_dir: Path, ckpt_dir: Path)
     shard_dir, out_dir = Path(shard_dir), Path(out_dir)
     with distributed(cfg.train) as env, GracefulStop() as stop:
         task = SegmenterTask(cfg, shard_dir, out_dir, env)
-        session = Session(cfg, STAGE, SECTIONS, env, Path(ckpt_dir), out_dir, shard_dir / MANIFEST, CHECKPOINT_FORMAT)
+        fingerprint = loop.CHECKPOINT_FORMAT
+        session = Session(cfg, STAGE, SECTIONS, env, Path(ckpt_dir), out_dir, shard_dir / MANIFEST, fingerprint)
         tags = {"model.arch": cfg.segmenter.arch, "model.num_params": str(task.num_params)}
         tags["model.classes"] = ",".join(task.classes)
-        run(task, session, env, stop, tags=tags)
+        loop.run(task, session, env, stop, tags=tags)
