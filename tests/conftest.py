@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -56,10 +57,15 @@ TINY: dict[str, Any] = {
 }
 
 
+# The whole suite runs with one train.precision when asked (``TEST_PRECISION=fp32 make test``, or ``bf16`` on a
+# CPU that computes it): tests that pin a precision for exact comparisons keep theirs.
+FORCED = {"train.precision": os.environ["TEST_PRECISION"]} if os.environ.get("TEST_PRECISION") else {}
+
+
 def write_params(directory: Path, overrides: dict[str, Any] | None = None) -> Path:
     """Write the repo's params.yaml with TINY and ``overrides`` applied into ``directory``."""
     raw = config.load_raw(ROOT / "params.yaml")
-    for key, value in (TINY | (overrides or {})).items():
+    for key, value in (TINY | FORCED | (overrides or {})).items():
         config.set_dotted(raw, key, value)
     path = directory / "params.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
