@@ -29,20 +29,53 @@ EXTRACTOR_B = "b" * 64
 
 
 def seg_metrics(miou: float) -> dict[str, Any]:
-    return {"miou": miou, "pixel_accuracy": 0.9, "iou": {"stripes": miou, "dots": None}, "num_images": 21}
+    """A ``metrics/segmenter.json`` as evaluate writes it (the headline numbers)."""
+    return {
+        "miou": miou,
+        "pixel_accuracy": 0.9,
+        "absent_classes": ["dots"],
+        "num_images": 21,
+        "num_pixels": 21504,
+        "miou_single_view": miou,
+        "pixel_accuracy_single_view": 0.9,
+    }
 
 
 def gan_metrics(fid: float, recall: float, features: str = EXTRACTOR_A) -> dict[str, Any]:
+    """A ``metrics/gan.json`` as evaluate writes it (the headline numbers)."""
     return {
         "fid": fid,
         "fid_ratio": fid / 300.0,
         "recall": recall,
         "diversity": 0.9,
         "precision": 0.5,
+        "density": 0.4,
+        "coverage": 0.3,
         "fid_features": features,
         "kid_mean": 0.01,
-        "baselines": {"fid_real": 0.3, "fid_untrained": 300.0},
+        "kid_std": 0.001,
+        "num_samples": 20,
+        "num_real": 32,
+        "baselines": {
+            "fid_real": 0.3,
+            "fid_untrained": 300.0,
+            "recall_real": 0.6,
+            "recall_untrained": 0.0,
+            "diversity_real": 1.0,
+            "diversity_untrained": 0.01,
+            "num_real_train": 20,
+        },
     }
+
+
+LINEAGE_TAGS = {
+    tracking.TAG_GIT_COMMIT,
+    tracking.TAG_MANIFEST,
+    tracking.TAG_PARAMS_HASH,
+    registry.TAG_MODEL_SHA,
+    registry.TAG_GATE_PASSED,
+    registry.TAG_GATE_REASON,
+}
 
 
 def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -153,13 +186,13 @@ def test_registration_has_lineage_and_is_not_duplicated(
     mv = client.get_model_version(SEG, "1")
     run = client.get_run(run_id)
     assert mv.run_id == run_id
-    assert mv.tags["miou"] == "0.7" and mv.tags["iou.stripes"] == "0.7" and "iou.dots" not in mv.tags
-    assert mv.tags["num_images"] == "21"
-    for key in (tracking.TAG_GIT_COMMIT, tracking.TAG_GIT_DIRTY):
-        assert mv.tags[key] == run.data.tags[key]
+    assert set(mv.tags) == {"miou", "pixel_accuracy"} | LINEAGE_TAGS  # the rest of the evaluation is in the run
+    assert mv.tags["miou"] == "0.7" and mv.tags["pixel_accuracy"] == "0.9"
+    assert mv.tags[tracking.TAG_GIT_COMMIT] == run.data.tags[tracking.TAG_GIT_COMMIT]
     assert mv.tags[tracking.TAG_MANIFEST] == "manifest-1" and mv.tags[tracking.TAG_PARAMS_HASH] == "params-1"
-    assert mv.tags[tracking.TAG_STAGE] == "train_segmenter" and mv.tags[registry.TAG_REGISTER_STAGE] == "register"
     assert mv.tags[registry.TAG_MODEL_SHA] == tracking.file_sha256(model_dir / "model.pt")
+    assert mv.tags[registry.TAG_GATE_PASSED] == "true" and mv.tags[registry.TAG_GATE_REASON] == record["reason"]
+    assert "DVC stage train_segmenter" in mv.description and "registered by DVC stage register" in mv.description
     assert "reproduce with: " in mv.description and "dvc repro" in mv.description
     # The logged model belongs to the training run (lineage in the UI: run -> logged model -> version).
     assert mv.source.startswith("models:/m-")  # the REST API does not return model_id: it is in the source
@@ -215,6 +248,7 @@ def test_registering_again_judges_with_the_current_thresholds(
     assert client.get_registered_model(SEG).aliases == {"challenger": "1"}  # v2 gave the alias up
     tags = client.get_model_version(SEG, "1").tags
     assert tags[registry.TAG_GATE_PASSED] == "false" and tags[registry.TAG_GATE_REASON] == demoted["reason"]
+    assert set(tags) == {"miou", "pixel_accuracy"} | LINEAGE_TAGS  # judging again adds no tags
 
     promoted = register(second, 0.6, 0.55)
     assert promoted["aliases"] == ["champion"] and promoted["reason"] == (
@@ -264,6 +298,15 @@ def test_gan_gate_rejects_collapse_and_compares_fid_only_from_the_same_extractor
     other = registry.register_model(tiny_cfg, "gan", fake_training("gan", 3), gan_metrics(45.0, 0.3, EXTRACTOR_B))
     assert other["aliases"] == ["champion"] and "not comparable, comparison skipped" in other["reason"]
     assert champion_version(GAN) == "4"
+    tags = mlflow.MlflowClient().get_model_version(GAN, "4").tags
+    assert set(tags) == set(registry.REQUIRED_METRICS["gan"]) | LINEAGE_TAGS and len(tags) <= 12
+    assert (tags["fid"], tags["fid_ratio"], tags["recall"], tags["fid_features"]) == (
+        "45.0",
+        "0.15",
+        "0.3",
+        EXTRACTOR_B,
+    )
+    assert "max_fid_ratio 0.75" in tags[registry.TAG_GATE_REASON]  # the thresholds it was judged by
 
 
 def test_promote_cli_gates_and_force_overrides(
