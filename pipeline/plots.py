@@ -4,7 +4,10 @@
 - ``confusion_matrix.png``: the test confusion matrix, row-normalised (each row: where that class's
   pixels went), class names on both axes.
 - ``segmentation_examples.png``: the first test mosaics as image | truth | prediction, with a colour legend.
-- ``iou.csv``: ``class,iou`` for a horizontal bar plot; classes absent from truth and prediction are left out.
+- ``<key>.csv`` for each per-class value of the evaluation (``iou.csv``, ``fid_per_class.csv``,
+  ``fid_per_class_real.csv``, ``diversity_per_class.csv``, ...): ``class,<key>`` rows for horizontal bar
+  plots, the per-class detail kept out of ``metrics/*.json``; a class without a value (absent from truth and
+  prediction, too few samples) is left out.
 - ``confusion.csv``: ``actual,predicted`` class names for DVC's ``confusion`` template, one row per pixel
   of a deterministic stratified uniform sample of test pixels (``evaluation.CONFUSION_SAMPLES`` in all,
   an equal share per mosaic; see :func:`pipeline.evaluation.pixel_sample`), not every pixel.
@@ -27,7 +30,6 @@ from pipeline.images import colorize, palette, png_bytes
 GAN_SAMPLES = "gan_samples.png"
 CONFUSION_PNG = "confusion_matrix.png"
 SEGMENTATION_EXAMPLES = "segmentation_examples.png"
-IOU_CSV = "iou.csv"
 CONFUSION_CSV = "confusion.csv"
 
 BACKGROUND = (255, 255, 255)
@@ -158,11 +160,16 @@ def _csv_text(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return buffer.getvalue()
 
 
-def write_iou_csv(path: Path, classes: Sequence[str], iou: Sequence[float | None]) -> Path:
-    """``class,iou`` rows in class order; a class with no IoU (absent from truth and prediction) is left out."""
-    rows = [(name, f"{value:.6g}") for name, value in zip(classes, iou, strict=True) if value is not None]
-    atomic_write_text(path, _csv_text(("class", "iou"), rows))
+def _per_class_csv(path: Path, column: str, values: dict[str, float | None]) -> Path:
+    """``class,<column>`` rows in the dict's (class) order; a class whose value is None is left out."""
+    rows = [(name, f"{value:.6g}") for name, value in values.items() if value is not None]
+    atomic_write_text(path, _csv_text(("class", column), rows))
     return path
+
+
+def write_per_class_plots(plots_dir: Path, per_class: dict[str, dict[str, float | None]]) -> list[Path]:
+    """``<name>.csv`` with column ``<name>`` for each ``name -> (class -> value)`` in ``per_class``; the files."""
+    return [_per_class_csv(Path(plots_dir) / f"{name}.csv", name, values) for name, values in per_class.items()]
 
 
 def write_confusion_csv(path: Path, classes: Sequence[str], actual: np.ndarray, predicted: np.ndarray) -> Path:
@@ -179,7 +186,7 @@ def write_gan_plots(plots_dir: Path, data: dict[str, Any]) -> list[Path]:
 
 
 def write_segmenter_plots(plots_dir: Path, data: dict[str, Any]) -> list[Path]:
-    """Confusion PNG + CSV, IoU CSV and example PNG from ``evaluate_segmenter``'s plot data; returns the files."""
+    """Confusion PNG + CSV and example PNG from ``evaluate_segmenter``'s plot data; returns the files."""
     plots_dir, classes = Path(plots_dir), data["classes"]
     return [
         _write_png(plots_dir / CONFUSION_PNG, confusion_image(classes, data["confusion"])),
@@ -187,6 +194,5 @@ def write_segmenter_plots(plots_dir: Path, data: dict[str, Any]) -> list[Path]:
             plots_dir / SEGMENTATION_EXAMPLES,
             segmentation_examples_image(classes, data["images"], data["truth"], data["pred"]),
         ),
-        write_iou_csv(plots_dir / IOU_CSV, classes, data["iou"]),
         write_confusion_csv(plots_dir / CONFUSION_CSV, classes, data["actual"], data["predicted"]),
     ]

@@ -1,8 +1,10 @@
 """DVC stage evaluate: test-set metrics and plots for the GAN and the segmenter.
 
-Writes ``metrics/gan.json``, ``metrics/segmenter.json`` and ``plots/`` (rank 0), and logs the same
-metrics (prefixed ``test_``) and files to the two *training* runs in MLflow (run ids from
-``models/*/run.json``). Runs as a plain process or under ``python -m pipeline.launch --nproc N``.
+Writes the headline numbers to ``metrics/gan.json`` and ``metrics/segmenter.json`` and the per-class values
+to bar-plot CSVs in ``plots/`` beside the images (rank 0), so ``dvc exp show`` stays readable; logs every value
+(prefixed ``test_``), the whole evaluation (``evaluation/<model>_full.json``) and the plot files to the two
+*training* runs in MLflow (run ids from ``models/*/run.json``). Runs as a plain process or under
+``python -m pipeline.launch --nproc N``.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import argparse
 import math
 import re
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +51,24 @@ def mlflow_metrics(metrics: dict[str, Any], prefix: str = "test_") -> dict[str, 
     return out
 
 
+def split_per_class(metrics: dict[str, Any], classes: list[str]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """The headline of ``metrics`` and its per-class values: every dict keyed by exactly ``classes``, at any
+    depth, leaves the headline under its own key (``iou``, ``fid_per_class``, ``fid_per_class_real`` from
+    ``baselines``, ``class_fidelity_per_class``)."""
+    per_class: dict[str, dict[str, Any]] = {}
+
+    def headline(node: dict[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            if isinstance(value, dict) and set(value) == set(classes):
+                per_class[key] = value
+            else:
+                out[key] = headline(value) if isinstance(value, dict) else value
+        return out
+
+    return headline(metrics), per_class
+
+
 def _require(paths: list[Path]) -> None:
     for path in paths:
         if not path.is_file():
@@ -55,14 +76,18 @@ def _require(paths: list[Path]) -> None:
 
 
 def _log(
-    cfg: config.Config, model_dir: Path, metrics: dict[str, Any], files: list[Path], shards: Path, kind: str
+    cfg: config.Config, model_dir: Path, name: str, metrics: dict[str, Any], files: list[Path], shards: Path, kind: str
 ) -> None:
-    """The test metrics, files and the test split of ``kind`` (the evaluation dataset) into the model's training run."""
+    """Every test metric, the whole evaluation as ``<name>_full.json``, ``files`` and the test split of ``kind``
+    (the evaluation dataset) into the model's training run."""
     run_id = read_run_json(model_dir).get("run_id")
     if not isinstance(run_id, str):
         raise UserError(f"{model_dir / 'run.json'}: no run_id")
     try:
-        log_run_metrics(cfg, run_id, mlflow_metrics(metrics), files, shards=shards, kind=kind)
+        with tempfile.TemporaryDirectory() as tmp:
+            full = Path(tmp) / f"{name}_full.json"
+            atomic_write_json(full, metrics)
+            log_run_metrics(cfg, run_id, mlflow_metrics(metrics), [full, *files], shards=shards, kind=kind)
     except UserError:
         raise
     except Exception as exc:  # MlflowException for an unknown run, connection errors for a server
@@ -95,13 +120,18 @@ def main(argv: list[str] | None = None) -> int:
         if not env.is_main:
             return 0
         metrics_dir, plots_dir = Path(ns.metrics_dir), Path(ns.plots_dir)
-        gan_metrics, seg_metrics = rounded(gan["metrics"]), rounded(seg["metrics"])
+        gan_full, seg_full = rounded(gan["metrics"]), rounded(seg["metrics"])
+        gan_metrics, gan_per_class = split_per_class(gan_full, gan["plots"]["classes"])
+        seg_metrics, seg_per_class = split_per_class(seg_full, seg["plots"]["classes"])
         atomic_write_json(metrics_dir / "gan.json", gan_metrics)
         atomic_write_json(metrics_dir / "segmenter.json", seg_metrics)
-        gan_files = plots.write_gan_plots(plots_dir, gan["plots"])
+        gan_files = plots.write_gan_plots(plots_dir, gan["plots"]) + plots.write_per_class_plots(
+            plots_dir, gan_per_class
+        )
         seg_files = plots.write_segmenter_plots(plots_dir, seg["plots"])
-        _log(cfg, gan_dir, gan_metrics, [metrics_dir / "gan.json", *gan_files], shards, "patches")
-        _log(cfg, seg_dir, seg_metrics, [metrics_dir / "segmenter.json", *seg_files], shards, "mosaics")
+        seg_files += plots.write_per_class_plots(plots_dir, seg_per_class)
+        _log(cfg, gan_dir, "gan", gan_full, gan_files, shards, "patches")
+        _log(cfg, seg_dir, "segmenter", seg_full, seg_files, shards, "mosaics")
     base = gan_metrics["baselines"]
     print(
         f"GAN: FID {gan_metrics['fid']:.4g} (untrained {base['fid_untrained']:.4g}, real {base['fid_real']:.4g}), "

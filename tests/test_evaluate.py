@@ -42,6 +42,7 @@ BASELINE_KEYS = {
 }  # fmt: skip
 SEGMENTER_KEYS = {"miou", "pixel_accuracy", "iou", "absent_classes", "num_images", "num_pixels"}
 SEGMENTER_KEYS |= {"miou_single_view", "pixel_accuracy_single_view"}
+PER_CLASS = {"fid_per_class", "diversity_per_class", "fid_per_class_real", "iou"}  # -> plots/<key>.csv
 
 
 def write_models(cfg: config.Config, shard_dir: Path, root: Path) -> Path:
@@ -217,7 +218,6 @@ def test_plot_files(tmp_path: Path) -> None:
     data = {
         "classes": classes,
         "confusion": confusion,
-        "iou": [0.5, None, 0.25],
         "actual": np.array([0, 2, 1]),
         "predicted": np.array([0, 0, 1]),
         "images": rng.integers(0, 255, (2, 8, 8, 3), dtype=np.uint8),
@@ -226,9 +226,12 @@ def test_plot_files(tmp_path: Path) -> None:
     }
     written = plots.write_segmenter_plots(tmp_path, data)
     assert sorted(p.name for p in written) == sorted(
-        [plots.CONFUSION_PNG, plots.SEGMENTATION_EXAMPLES, plots.IOU_CSV, plots.CONFUSION_CSV]
+        [plots.CONFUSION_PNG, plots.SEGMENTATION_EXAMPLES, plots.CONFUSION_CSV]
     )
-    assert (tmp_path / plots.IOU_CSV).read_text() == "class,iou\nstripes,0.5\ndots,0.25\n"
+    per_class = {"iou": {"stripes": 0.5, "a,b": None, "dots": 0.25}, "fid_per_class": {"stripes": 123.456789}}
+    assert plots.write_per_class_plots(tmp_path, per_class) == [tmp_path / "iou.csv", tmp_path / "fid_per_class.csv"]
+    assert (tmp_path / "iou.csv").read_text() == "class,iou\nstripes,0.5\ndots,0.25\n"  # no IoU: left out
+    assert (tmp_path / "fid_per_class.csv").read_text() == "class,fid_per_class\nstripes,123.457\n"
     assert (
         tmp_path / plots.CONFUSION_CSV
     ).read_text() == 'actual,predicted\nstripes,stripes\ndots,stripes\n"a,b","a,b"\n'
@@ -237,6 +240,39 @@ def test_plot_files(tmp_path: Path) -> None:
             im.verify()
     colours = palette(25)
     assert colours.shape == (25, 3) and len({tuple(c) for c in colours.tolist()}) == 25
+
+
+def test_headline_leaves_the_per_class_values_to_plots() -> None:
+    from stages.evaluate import split_per_class
+
+    classes = ["stripes", "dots"]
+    gan = {
+        "fid": 40.0,
+        "fid_per_class": {"stripes": 30.0, "dots": None},
+        "baselines": {"fid_real": 3.0, "fid_per_class_real": {"dots": 2.0, "stripes": 4.0}},
+        "absent_classes": ["dots"],
+        "counts": {"stripes": 1},  # keyed by some classes only: not a per-class value
+    }
+    headline, per_class = split_per_class(gan, classes)
+    assert headline == {
+        "fid": 40.0,
+        "baselines": {"fid_real": 3.0},
+        "absent_classes": ["dots"],
+        "counts": {"stripes": 1},
+    }
+    assert per_class == {
+        "fid_per_class": gan["fid_per_class"],
+        "fid_per_class_real": gan["baselines"]["fid_per_class_real"],
+    }
+    assert "fid_per_class" in gan and "fid_per_class_real" in gan["baselines"]  # the full dict is left alone
+
+
+def _dvc_yaml_plots() -> set[str]:
+    """The plot files the evaluate stage declares in dvc.yaml."""
+    import yaml
+
+    stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["evaluate"]
+    return {next(iter(p)) if isinstance(p, dict) else p for p in stage["plots"]}
 
 
 def test_missing_model_file_is_one_line_exit_2(tiny_models, tiny_shards: Path, tmp_path: Path, capsys) -> None:
@@ -273,6 +309,12 @@ def _assert_close(a: Any, b: Any, where: str = "") -> None:
         assert a == b, where
 
 
+def _read_per_class(path: Path) -> dict[str, float]:
+    """A per-class plot CSV (``class,<key>``) as class -> value."""
+    _, *rows = path.read_text().splitlines()
+    return {name: float(value) for name, value in (row.split(",") for row in rows)}
+
+
 def _run_stage(workdir: Path, nproc: int | None, out: str) -> subprocess.CompletedProcess:
     launcher = [] if nproc is None else ["-m", "pipeline.launch", "--nproc", str(nproc)]
     cmd = [sys.executable, *launcher, str(ROOT / "stages/evaluate.py"), "--params", "params.yaml"]
@@ -296,23 +338,42 @@ def test_stage_writes_metrics_and_plots_and_two_ranks_match_one(tmp_path: Path) 
     assert single.returncode == 0, single.stderr[-3000:]
     assert "GAN: FID" in single.stdout
     files = ("metrics/gan.json", "metrics/segmenter.json", "plots/gan_samples.png", "plots/confusion_matrix.png")
-    files += ("plots/segmentation_examples.png", "plots/iou.csv", "plots/confusion.csv")
-    for name in files:
+    files += ("plots/segmentation_examples.png", "plots/confusion.csv")
+    for name in files + tuple(f"plots/{key}.csv" for key in PER_CLASS):
         assert (tmp_path / "one" / name).stat().st_size > 0, name
+    # dvc.yaml declares every plot file the stage writes (a new per-class value needs its bar plot there).
+    assert {f"plots/{p.name}" for p in (tmp_path / "one/plots").iterdir()} == _dvc_yaml_plots()
     gan = json.loads((tmp_path / "one/metrics/gan.json").read_text())
     seg = json.loads((tmp_path / "one/metrics/segmenter.json").read_text())
-    assert set(gan) == GAN_KEYS and set(seg) == SEGMENTER_KEYS and gan["num_samples"] == 15
+    assert set(gan) == GAN_KEYS - PER_CLASS and set(gan["baselines"]) == BASELINE_KEYS - PER_CLASS
+    assert set(seg) == SEGMENTER_KEYS - PER_CLASS and gan["num_samples"] == 15
+    fid_csv = (tmp_path / "one/plots/fid_per_class.csv").read_text().splitlines()
+    assert fid_csv[0] == "class,fid_per_class" and [row.split(",")[0] for row in fid_csv[1:]] == ODD["data.classes"]
 
+    # MLflow keeps the whole evaluation: every value as a test_* metric and as evaluation/<model>_full.json.
     client = mlflow.MlflowClient()
     logged = client.get_run(run_ids["gan"]).data.metrics
     assert logged["test_fid"] == gan["fid"] and logged["test_baselines/fid_real"] == gan["baselines"]["fid_real"]
-    assert client.get_run(run_ids["segmenter"]).data.metrics["test_miou"] == seg["miou"]
+    assert {f"test_fid_per_class/{c}" for c in ODD["data.classes"]} <= logged.keys()
+    assert {f"test_baselines/fid_per_class_real/{c}" for c in ODD["data.classes"]} <= logged.keys()
+    seg_logged = client.get_run(run_ids["segmenter"]).data.metrics
+    assert seg_logged["test_miou"] == seg["miou"] and "test_iou/stripes" in seg_logged
     artifacts = {f.path for f in client.list_artifacts(run_ids["segmenter"], "evaluation")}
-    assert {"evaluation/segmenter.json", "evaluation/confusion_matrix.png"} <= artifacts
+    assert {"evaluation/segmenter_full.json", "evaluation/confusion_matrix.png", "evaluation/iou.csv"} <= artifacts
+    full = json.loads(
+        Path(
+            mlflow.artifacts.download_artifacts(run_id=run_ids["gan"], artifact_path="evaluation/gan_full.json")
+        ).read_text()
+    )
+    assert set(full) == GAN_KEYS and set(full["baselines"]) == BASELINE_KEYS
+    assert {k: v for k, v in full.items() if k not in PER_CLASS} | {"baselines": gan["baselines"]} == gan
 
     double = _run_stage(tmp_path, 2, "two")
     assert double.returncode == 0, double.stderr[-3000:]
     for name in ("gan.json", "segmenter.json"):
         one, two = (json.loads((tmp_path / d / "metrics" / name).read_text()) for d in ("one", "two"))
         _assert_close(one, two, name)
+    for key in PER_CLASS:
+        one, two = (_read_per_class(tmp_path / d / "plots" / f"{key}.csv") for d in ("one", "two"))
+        _assert_close(one, two, key)
     assert (tmp_path / "one/plots/confusion.csv").read_text() == (tmp_path / "two/plots/confusion.csv").read_text()
