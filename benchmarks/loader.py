@@ -49,7 +49,8 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
 
 from pipeline import config
 from pipeline.data.loaders import decode_batch, train_batches
-from pipeline.data.shards import load_manifest, prepare_dataset, tar_samples
+from pipeline.data.prepare import prepare_dataset
+from pipeline.data.shards import load_manifest, tar_samples
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASET = {

@@ -35,6 +35,16 @@ def png_bytes(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def decode_png(data: bytes, mode: str) -> np.ndarray:
+    """A PNG in PIL ``mode`` as a read-only uint8 array ("RGB" -> (H, W, 3), "L" -> (H, W)); raises on bad data."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data), formats=("PNG",)) as im:
+        if im.mode != mode:
+            raise ValueError(f"expected a {mode} PNG, got {im.mode}")
+        return np.asarray(im)
+
+
 def palette(num_classes: int) -> np.ndarray:
     """The class colours, uint8 (num_classes, 3): tab10, then golden-ratio steps around the hue circle."""
     extra = [colorsys.hsv_to_rgb((i * 0.618034) % 1.0, 0.65, 0.9) for i in range(max(0, num_classes - len(TAB10)))]

@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     ns = parser.parse_args(argv)
     cfg = config.load(ns.params)
-    from pipeline.data.shards import prepare_dataset  # after the params check: a bad key fails without loading torch
+    from pipeline.data.prepare import prepare_dataset  # after the params check: a bad key fails without loading torch
 
     start = time.perf_counter()
     manifest = prepare_dataset(cfg, Path(ns.out), progress=not ns.no_progress)

@@ -90,7 +90,7 @@ def tiny_cfg(tmp_path: Path) -> config.Config:
 @pytest.fixture(scope="session")
 def tiny_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny dataset written once: ``<dir>/manifest.json``, ``<dir>/patches/*.tar``, ``<dir>/mosaics/*.tar``."""
-    from pipeline.data.shards import prepare_dataset
+    from pipeline.data.prepare import prepare_dataset
 
     base = tmp_path_factory.mktemp("tiny")
     cfg = config.load(write_params(base))

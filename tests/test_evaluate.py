@@ -18,7 +18,8 @@ from torch import Tensor
 
 from pipeline import config, plots
 from pipeline.data.loaders import eval_batches
-from pipeline.data.shards import load_manifest, prepare_dataset
+from pipeline.data.prepare import prepare_dataset
+from pipeline.data.shards import load_manifest
 from pipeline.distributed import DistEnv
 from pipeline.evaluation import features as ev_feat
 from pipeline.evaluation import generator as ev_gen

@@ -27,8 +27,11 @@ from pipeline.data.loaders import (
     train_batches,
     train_stream,
 )
-from pipeline.data.shards import ShardError, decode_png, encode_png, load_manifest, prepare_dataset, tar_samples
+from pipeline.data.prepare import prepare_dataset
+from pipeline.data.shards import ShardError, load_manifest, tar_samples
 from pipeline.errors import UserError
+from pipeline.images import decode_png
+from pipeline.images import png_bytes as encode_png
 from tests.conftest import write_params
 
 

@@ -12,14 +12,13 @@ import numpy as np
 import pytest
 
 from pipeline import config
+from pipeline.data.prepare import prepare_dataset, shard_ranges
 from pipeline.data.shards import (
     MANIFEST,
     decode_block,
     decode_png,
     load_manifest,
     npy_bytes,
-    prepare_dataset,
-    shard_ranges,
     tar_samples,
     verify_shards,
 )

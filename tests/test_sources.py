@@ -12,7 +12,7 @@ from PIL import Image
 from pipeline import config
 from pipeline.config import AugmentConfig
 from pipeline.data.mosaics import MIN_REGION_FRACTION, augment, compose, make_mosaic, region_layout
-from pipeline.data.shards import prepare_dataset
+from pipeline.data.prepare import prepare_dataset
 from pipeline.data.sources import BUILTIN_CLASSES, SPLITS, SourceImage, load_sources, rng_for, split_counts
 from pipeline.errors import UserError
 

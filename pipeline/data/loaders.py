@@ -34,7 +34,6 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import webdataset as wds
-from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -42,6 +41,7 @@ from pipeline.data import storage
 from pipeline.data.shards import MEMBERS, ShardError, check_shard_files, decode_block, load_manifest, shard_entries
 from pipeline.distributed import die_with_parent
 from pipeline.errors import one_line
+from pipeline.images import decode_png
 
 Kind = Literal["patches", "mosaics"]
 SHUFFLE_BUFFER, SHUFFLE_INITIAL = 500, 100  # samples held; samples read before the first one is yielded
@@ -188,22 +188,14 @@ def _shuffle(
     return wds.shuffle(SHUFFLE_BUFFER, SHUFFLE_INITIAL, seed=stage_seed)(iter(src))
 
 
-def _decode_png(data: bytes, mode: str) -> np.ndarray:
-    """A PNG in PIL ``mode`` as a read-only uint8 array ("RGB" -> (H, W, 3), "L" -> (H, W))."""
-    with Image.open(io.BytesIO(data), formats=("PNG",)) as im:
-        if im.mode != mode:
-            raise ValueError(f"expected a {mode} PNG, got {im.mode}")
-        return np.asarray(im)
-
-
 def _decode_sample(sample: dict[str, Any], kind: str) -> tuple[np.ndarray, int | np.ndarray]:
     """(image uint8 (H, W, 3), class index or mask uint8 (H, W)); a :class:`ShardError` naming the sample."""
     try:
         missing = [m for m in MEMBERS["png"][kind] if m not in sample]
         if missing:
             raise ValueError(f"missing member(s) {', '.join('.' + m for m in missing)}")
-        image = _decode_png(sample["png"], "RGB")
-        return image, int(sample["cls"]) if kind == "patches" else _decode_png(sample["mask.png"], "L")
+        image = decode_png(sample["png"], "RGB")
+        return image, int(sample["cls"]) if kind == "patches" else decode_png(sample["mask.png"], "L")
     except Exception as exc:  # image decoders raise many types on bad bytes (OSError, SyntaxError, zlib.error...)
         raise ShardError(f"{sample['__url__']}: sample {sample['__key__']}: cannot decode ({one_line(exc)})") from None
 
