@@ -169,7 +169,6 @@ def evaluate_segmenter(cfg: Config, env: DistEnv, shard_dir: Path, model_path: P
         plots = {
             "classes": classes,
             "confusion": result["confusion"],
-            "iou": [iou[name] for name in classes],
             "actual": sample[:, 0].numpy(),
             "predicted": sample[:, 1].numpy(),
             **_segmentation_examples(model, shard_dir, env.device),
