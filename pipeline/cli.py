@@ -51,6 +51,14 @@ def _segment(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _models(ns: argparse.Namespace) -> int:
+    from pipeline import config
+    from pipeline.models.catalog import describe_models, format_models
+
+    print(format_models(describe_models(config.load(ns.params))))
+    return 0
+
+
 def _promote(ns: argparse.Namespace) -> int:
     from pipeline import config
 
@@ -81,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true", help="print every statistic as JSON")
     p.set_defaults(func=_fid)
+
+    p = sub.add_parser("models", help="every model family, the param that selects it, its size at the params")
+    p.add_argument("--params", default="params.yaml")
+    p.set_defaults(func=_models)
 
     p = sub.add_parser("generate", help="sample texture patches from a registered GAN")
     p.add_argument("--model-uri", default="models:/texture-gan@champion")

@@ -92,7 +92,15 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class VaeConfig:
+    kl_weight: float = _positive()
+    adversarial: float = _non_negative()
+
+
+@dataclass(frozen=True)
 class GanConfig:
+    arch: Literal["dcgan", "resnet", "vae"]  # pipeline.models.gan.GENERATORS
+    attention: int = _check(lambda v: v >= 0, "a whole number >= 0 (a feature-map side; 0 = off)")
     z_dim: int = _positive()
     channels: int = _check(lambda v: v > 0 and v % 8 == 0, "a positive multiple of 8")
     fourier: int = _check(lambda v: v >= 0, "a whole number >= 0")
@@ -119,6 +127,7 @@ class GanConfig:
     eval_every: int = _positive()
     eval_samples: int = _positive()
     sample_every: int = _positive()
+    vae: VaeConfig
 
 
 @dataclass(frozen=True)
@@ -196,6 +205,7 @@ class GanGate:
     max_fid_ratio: float = _positive()
     min_recall: float = _check(lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]")
     min_diversity: float = _non_negative()
+    min_class_fidelity: float = _check(lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]")
 
 
 @dataclass(frozen=True)
@@ -340,6 +350,7 @@ def _validate_cross(cfg: Config, source: str) -> None:
             f"{source}: segmenter.tta: {cfg.segmenter.tta!r} averages views the model learns only with "
             f"data.augment.{missing[0]}: true (or set segmenter.tta: none)"
         )
+    _validate_gan(cfg, source)
     if isinstance(cfg.train.nproc_per_node, int):
         needed = cfg.train.nproc_per_node * max(1, cfg.train.num_workers)
         if d.min_shards < needed:
@@ -347,6 +358,24 @@ def _validate_cross(cfg: Config, source: str) -> None:
                 f"{source}: data.min_shards: expected >= train.nproc_per_node x max(1, train.num_workers) = {needed}, "
                 f"got {d.min_shards}"
             )
+
+
+def _validate_gan(cfg: Config, source: str) -> None:
+    gan = cfg.gan
+    if gan.fourier and gan.arch != "dcgan":
+        raise ConfigError(
+            f"{source}: gan.fourier: the Fourier head is the dcgan generator's; set 0 for gan.arch {gan.arch!r}"
+        )
+    # the inner feature-map sides of G and D (pipeline.models.gan_blocks.attention_sides)
+    sides, side = [], cfg.data.patch_size
+    while side % 2 == 0 and side // 2 >= 4:
+        side //= 2
+        sides.append(side)
+    if gan.attention and gan.attention not in sides:
+        raise ConfigError(
+            f"{source}: gan.attention: expected 0 or a feature-map side of {cfg.data.patch_size}-px patches "
+            f"({', '.join(map(str, sides))}), got {gan.attention}"
+        )
 
 
 def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:

@@ -43,7 +43,10 @@ if TYPE_CHECKING:
 
 MODEL_NAMES = {"gan": "texture-gan", "segmenter": "texture-segmenter"}
 MODEL_FILES = {"gan": "generator.pt", "segmenter": "model.pt"}
-REQUIRED_METRICS = {"gan": ("fid", "fid_ratio", "recall", "diversity", "fid_features"), "segmenter": ("miou",)}
+REQUIRED_METRICS = {
+    "gan": ("fid", "fid_ratio", "recall", "diversity", "class_fidelity", "fid_features"),
+    "segmenter": ("miou",),
+}
 # A version's tags, 12 at most: these headline metrics (the gate's and the champion comparison's), the gate
 # verdict (its reason names the thresholds) and lineage. The whole evaluation stays in the training run.
 TAG_METRICS = {"gan": REQUIRED_METRICS["gan"], "segmenter": (*REQUIRED_METRICS["segmenter"], "pixel_accuracy")}
@@ -194,12 +197,20 @@ def gate(cfg: Config, kind: str, metrics: dict[str, Any]) -> tuple[bool, str]:
     if kind == "gan":
         g = cfg.register.gan
         ratio, recall, diversity = (_number(metrics[k]) for k in ("fid_ratio", "recall", "diversity"))
+        # A conditional generator that ignores its class (or was measured before class fidelity existed) fails.
+        fidelity = _number(metrics.get("class_fidelity"))
         checks = [
             (ratio <= g.max_fid_ratio, f"fid_ratio {ratio:.4g} {{}} max_fid_ratio {g.max_fid_ratio:g}", "<=", ">"),
             (recall >= g.min_recall, f"recall {recall:.4g} {{}} min_recall {g.min_recall:g}", ">=", "<"),
             (
                 diversity >= g.min_diversity,
                 f"diversity {diversity:.4g} {{}} min_diversity {g.min_diversity:g}",
+                ">=",
+                "<",
+            ),
+            (
+                fidelity >= g.min_class_fidelity,
+                f"class_fidelity {fidelity:.4g} {{}} min_class_fidelity {g.min_class_fidelity:g}",
                 ">=",
                 "<",
             ),

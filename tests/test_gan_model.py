@@ -1,7 +1,9 @@
-"""Conditional DCGAN pieces: shapes per patch size, conditioning, EMA, DiffAugment, generation, model files."""
+"""Generator families (DCGAN, ResNet, VAE) and their pieces: shapes per patch size, conditioning, attention, EMA,
+DiffAugment, generation, the one model file for every family."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,16 +13,20 @@ import torch
 from pipeline import checkpoint
 from pipeline.models.gan import (
     EMA,
+    GENERATORS,
     Discriminator,
     FourierHead,
     Generator,
+    build_generator,
     diff_augment,
     generate_images,
-    layout,
     load_generator,
     sample_grid,
     save_generator,
 )
+from pipeline.models.gan_blocks import SelfAttention, attention_sides, layout
+from pipeline.models.gan_resnet import ResNetDiscriminator, ResNetGenerator
+from pipeline.models.vae import VaeDecoder, VaeEncoder, kl_divergence
 
 
 @pytest.fixture(autouse=True)
@@ -234,6 +240,108 @@ def test_save_and_load_generator_round_trip(fourier: int, warp: bool, tmp_path: 
     assert torch.allclose(
         generate_images(loaded, labels, 1, 3, "cpu"), generate_images(g, labels, 1, 3, "cpu"), atol=1e-6
     )
+
+
+def _attention_blocks(model: torch.nn.Module) -> list[SelfAttention]:
+    return [m for m in model.modules() if isinstance(m, SelfAttention)]
+
+
+@pytest.mark.parametrize("size", [16, 32])
+@pytest.mark.parametrize("arch", ["dcgan", "resnet", "vae"])
+def test_every_generator_family_draws_images_of_its_class(arch: str, size: int) -> None:
+    """The one generator interface, with SAGAN attention at every inner side; the class changes the image."""
+    assert attention_sides(size) == tuple(size >> j for j in range(1, layout(size)[1] + 1))
+    for attention in (0, *attention_sides(size)):
+        torch.manual_seed(0)
+        g = build_generator(arch, num_classes=3, z_dim=8, channels=8, image_size=size, attention=attention)
+        assert g.arch == arch and (g.z_dim, g.num_classes, g.image_size) == (8, 3, size)
+        assert len(_attention_blocks(g)) == (attention > 0)
+        z, labels = torch.randn(4, 8), torch.tensor([0, 1, 2, 1])
+        images = g(z, labels)
+        assert images.shape == (4, 3, size, size) and images.min() >= -1 and images.max() <= 1
+        images.sum().backward()
+        assert all(p.grad is not None for p in g.parameters())
+        g.eval()
+        assert not torch.allclose(g(z[:1], labels[:1]), g(z[:1], torch.tensor([2])))
+
+
+@pytest.mark.parametrize("conditioning", ["concat", "projection", "ac", "adc"])
+def test_resnet_discriminator_conditions_like_the_dcgan_one(conditioning: str) -> None:
+    torch.manual_seed(0)
+    d = ResNetDiscriminator(4, 8, 32, conditioning, spectral_norm=True, attention=8).eval()  # type: ignore[arg-type]
+    assert len(_attention_blocks(d)) == 1
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    a, b = d(x, torch.tensor([0, 0])), d(x, torch.tensor([3, 3]))
+    assert a.shape == (2,)
+    if conditioning in ("ac", "adc"):  # the logit ignores the label; the class head answers
+        assert torch.equal(a, b)
+        logits, classes = d(x, torch.tensor([0, 0]), with_classes=True)
+        assert torch.equal(logits, a) and classes.shape == (2, 4 * (1 + (conditioning == "adc")))
+    else:
+        assert not torch.allclose(a, b)
+        with pytest.raises(ValueError, match="class logits need a class head"):
+            d(x, torch.tensor([0, 0]), with_classes=True)
+
+
+def test_resnet_generator_takes_the_class_through_conditional_batchnorm() -> None:
+    g = ResNetGenerator(3, 8, 8, 16)
+    assert g.linear.in_features == 8  # z alone: the class enters through the gains and biases only
+    norms = [m for m in g.modules() if type(m).__name__ == "ConditionalBatchNorm"]
+    assert len(norms) == 2 * len(g.blocks) and all(not m.bn.affine for m in norms)
+
+
+def test_attention_starts_as_the_identity_and_attends_across_the_map() -> None:
+    torch.manual_seed(0)
+    block = SelfAttention(16)
+    x = torch.randn(2, 16, 4, 4)
+    assert torch.equal(block(x), x)  # gamma = 0
+    with torch.no_grad():
+        block.gamma.fill_(1.0)
+    y = x.clone()
+    y[:, :, 3, 3] += 1.0  # one far position changes every output position
+    assert not torch.isclose(block(x)[:, :, 0, 0], block(y)[:, :, 0, 0]).all()
+
+
+def test_attention_sides_are_checked() -> None:
+    with pytest.raises(ValueError, match=r"attention must be 0 or a feature-map side of 32 px \(16, 8, 4\), got 32"):
+        Generator(3, 8, 8, 32, attention=32)
+    with pytest.raises(ValueError, match="unknown generator arch 'gan'; expected one of dcgan, resnet, vae"):
+        build_generator("gan", num_classes=3)
+
+
+def test_vae_encoder_and_kl() -> None:
+    torch.manual_seed(0)
+    encoder = VaeEncoder(3, 8, 8, 16)
+    mean, log_var = encoder(torch.rand(5, 3, 16, 16) * 2 - 1, torch.tensor([0, 1, 2, 0, 1]))
+    assert mean.shape == log_var.shape == (5, 8)
+    zeros = torch.zeros(4, 8)
+    assert kl_divergence(zeros, zeros).item() == 0.0  # the posterior is the prior
+    mean, log_var = torch.full((4, 8), 0.5), torch.full((4, 8), -1.0)
+    expected = 8 * 0.5 * (0.25 + math.exp(-1.0) - 1.0 + 1.0)  # per row: sum over the 8 dimensions
+    assert kl_divergence(mean, log_var).item() == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["resnet", "vae"])
+def test_one_model_file_for_every_family(arch: str, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    g = build_generator(arch, num_classes=3, z_dim=8, channels=8, image_size=16, attention=8)
+    g.train()(torch.randn(4, 8), torch.tensor([0, 1, 2, 0]))  # non-default BatchNorm statistics
+    save_generator(tmp_path / "generator.pt", g, {"classes": ["a", "b", "c"]})
+    assert checkpoint.load(tmp_path / "generator.pt")["kwargs"]["arch"] == arch
+    loaded, _ = load_generator(tmp_path / "generator.pt")
+    assert type(loaded) is GENERATORS[arch] and loaded.kwargs == g.kwargs
+    labels = torch.tensor([0, 1, 2])
+    assert torch.equal(generate_images(loaded, labels, 1, 3, "cpu"), generate_images(g, labels, 1, 3, "cpu"))
+    assert isinstance(g, VaeDecoder) == (arch == "vae")
+
+
+def test_files_without_an_arch_are_dcgans(tmp_path: Path) -> None:
+    """Model files written before there were other families: DCGAN kwargs, no ``arch``."""
+    g = Generator(3, 8, 8, 16)
+    checkpoint.save_model(tmp_path / "old.pt", g, g.kwargs, {"classes": ["a", "b", "c"]})
+    loaded, _ = load_generator(tmp_path / "old.pt")
+    assert type(loaded) is Generator and loaded.arch == "dcgan"
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), g.state_dict().values(), strict=True))
 
 
 def test_load_generator_rejects_other_files(tmp_path: Path) -> None:

@@ -48,6 +48,7 @@ def gan_metrics(fid: float, recall: float, features: str = EXTRACTOR_A) -> dict[
         "fid_ratio": fid / 300.0,
         "recall": recall,
         "diversity": 0.9,
+        "class_fidelity": 0.6,
         "precision": 0.5,
         "density": 0.4,
         "coverage": 0.3,
@@ -108,10 +109,21 @@ def champion_version(name: str) -> str:
 def test_gate_thresholds(tiny_cfg: config.Config, tmp_path: Path) -> None:
     gate = tiny_cfg.register.gan
     assert (gate.max_fid_ratio, gate.min_recall, gate.min_diversity) == (0.75, 0.05, 0.5)
+    floor = f"min_class_fidelity {gate.min_class_fidelity:g}"
     assert registry.gate(tiny_cfg, "gan", gan_metrics(30.0, 0.2)) == (
         True,
-        "fid_ratio 0.1 <= max_fid_ratio 0.75, recall 0.2 >= min_recall 0.05, diversity 0.9 >= min_diversity 0.5",
+        "fid_ratio 0.1 <= max_fid_ratio 0.75, recall 0.2 >= min_recall 0.05, diversity 0.9 >= min_diversity 0.5, "
+        f"class_fidelity 0.6 >= {floor}",
     )
+    # A conditional generator that draws one class for every label: fine FID, recall and variety, the class ignored.
+    one_class = gan_metrics(30.0, 0.2) | {"class_fidelity": 0.1}
+    assert registry.gate(tiny_cfg, "gan", one_class) == (
+        False,
+        "fid_ratio 0.1 <= max_fid_ratio 0.75, recall 0.2 >= min_recall 0.05, diversity 0.9 >= min_diversity 0.5, "
+        f"class_fidelity 0.1 < {floor}",
+    )
+    unmeasured = gan_metrics(30.0, 0.2) | {"class_fidelity": None}  # a null in metrics/gan.json: not proven
+    assert not registry.gate(tiny_cfg, "gan", unmeasured)[0]
     collapsed = gan_metrics(40.0, 0.0) | {"diversity": 0.01}  # one output per class: fine FID, no variety
     ok, reason = registry.gate(tiny_cfg, "gan", collapsed)
     assert not ok and "diversity 0.01 < min_diversity 0.5" in reason
@@ -161,7 +173,10 @@ def test_compare_with_champion_needs_same_metric_and_extractor() -> None:
 def test_metrics_file_errors_name_the_file(tmp_path: Path) -> None:
     path = tmp_path / "gan.json"
     path.write_text(json.dumps({"fid": 3.0}))
-    missing = r"gan.json: missing 'fid_ratio', 'recall', 'diversity', 'fid_features' \(needed by the gan gate\)"
+    missing = (
+        r"gan.json: missing 'fid_ratio', 'recall', 'diversity', 'class_fidelity', 'fid_features' "
+        r"\(needed by the gan gate\)"
+    )
     with pytest.raises(UserError, match=missing):
         registry.read_metrics(path, "gan")
     with pytest.raises(UserError, match=r"segmenter\.json: cannot read metrics"):

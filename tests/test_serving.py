@@ -20,7 +20,8 @@ import torch
 from PIL import Image
 
 from pipeline import config, registry, serving, use
-from pipeline.images import palette
+from pipeline.images import palette, to_uint8
+from pipeline.models.gan import build_generator, generate_images, load_generator, save_generator
 from pipeline.models.segmenters import load_segmenter
 from pipeline.tracking import RunLogger, file_sha256
 
@@ -46,9 +47,10 @@ def register_segmenter(cfg: config.Config, fake_training: FakeTraining) -> Path:
     return model_dir / "model.pt"
 
 
-def register_gan(cfg: config.Config, fake_training: FakeTraining) -> None:
+def register_gan(cfg: config.Config, fake_training: FakeTraining, model_dir: Path | None = None) -> None:
     metrics = {"fid": 40.0, "fid_ratio": 0.2, "recall": 0.2, "diversity": 0.9, "fid_features": "f" * 64}
-    assert registry.register_model(cfg, "gan", fake_training("gan"), metrics)["aliases"] == ["champion"]
+    metrics["class_fidelity"] = 0.6
+    assert registry.register_model(cfg, "gan", model_dir or fake_training("gan"), metrics)["aliases"] == ["champion"]
 
 
 def local_masks(model_file: Path, images: np.ndarray) -> np.ndarray:
@@ -109,6 +111,25 @@ def test_gan_pyfunc_takes_class_names_and_indices(
         model.predict(pd.DataFrame({"class": ["bricks"], "seed": [0]}))
     with pytest.raises(serving.UnknownClassError, match=r"unknown class 4; expected a name or an index in \[0, 3\]"):
         model.predict(pd.DataFrame({"class": [4], "seed": [0]}))
+
+
+@pytest.mark.parametrize("arch", ["resnet", "vae"])
+def test_gan_pyfunc_serves_every_generator_family(
+    arch: str, tiny_cfg: config.Config, tracking_server: MlflowServer, fake_training: FakeTraining
+) -> None:
+    """The served model loads whatever family the file holds (the one model file names it), unknown in advance."""
+    model_dir = fake_training("gan")
+    _, meta = load_generator(model_dir / "generator.pt")
+    torch.manual_seed(0)
+    generator = build_generator(arch, num_classes=len(meta["classes"]), z_dim=8, channels=8, image_size=16, attention=8)
+    save_generator(model_dir / "generator.pt", generator, meta)
+    register_gan(tiny_cfg, fake_training, model_dir)
+    model = registry.load_pyfunc(f"models:/{GAN}@champion")
+    images = model.predict(pd.DataFrame({"class": ["dots", "stripes"], "seed": [5, 5]}))
+    assert images.shape == (2, 16, 16, 3) and images.dtype == np.uint8
+    labels = torch.tensor([meta["classes"].index("dots"), meta["classes"].index("stripes")])
+    expected = torch.cat([generate_images(generator, labels[i : i + 1], 5, 1, "cpu") for i in range(2)])
+    np.testing.assert_array_equal(images, to_uint8(expected))
 
 
 def test_generate_and_segment_to_folder(

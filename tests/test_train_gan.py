@@ -19,18 +19,20 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from mlflow import MlflowClient
 
 from pipeline import checkpoint, config
+from pipeline.data.shards import npy_bytes
 from pipeline.distributed import DistEnv
 from pipeline.engine import EXIT_STOPPED
 from pipeline.models.features import TextureFeatureNet, save_feature_extractor
 from pipeline.models.gan import load_generator
 from pipeline.tracking import stage_params
 from pipeline.training.gan import SECTIONS, GanTask, build_models, train_gan
-from pipeline.training.gan_loss import GanStep, d_class_loss, g_class_loss, mode_seeking_loss
+from pipeline.training.gan_loss import GanStep, VaeStep, d_class_loss, g_class_loss, mode_seeking_loss
 from tests.conftest import ROOT, write_params
 
 STAGE = ROOT / "stages" / "train_gan.py"
@@ -98,11 +100,6 @@ def _run(cmd: list[str], log: Path, timeout: float = 240) -> tuple[int, str]:
     return proc.returncode, log.read_text()
 
 
-def _weights(ckpt_path: Path) -> dict[str, dict[str, torch.Tensor]]:
-    ckpt = checkpoint.load(ckpt_path)
-    return {k: ckpt[k] for k in WEIGHTS}
-
-
 def _wait_for(predicate: Any, proc: subprocess.Popen, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -119,23 +116,35 @@ def _checkpoint_step(path: Path) -> int:
 
 
 def _constant_shards(src: Path, dst: Path) -> Path:
-    """A copy of ``src`` whose train patches are all the first train patch, class 0.
+    """A copy of ``src`` whose train patches are all the first train patch, class 0 (``png`` or ``raw`` shards).
 
     The loaders deliberately give each rank different shards, so only data that looks the same from
     every rank makes the global batch identical for world size 1 and 2.
     """
     shutil.copytree(src, dst)
     manifest = json.loads((dst / "manifest.json").read_text())
-    png = None
+    first: dict[str, Any] = {}
+
+    def constant(name: str, data: bytes) -> bytes:
+        if name.endswith(".png"):
+            return first.setdefault("png", data)
+        if name.endswith(".cls"):
+            return b"0"
+        if name.endswith("images.npy"):
+            images = np.load(io.BytesIO(data))
+            return npy_bytes(np.broadcast_to(first.setdefault("image", images[0]), images.shape).copy())
+        if name.endswith("labels.npy"):
+            return npy_bytes(np.zeros_like(np.load(io.BytesIO(data))))
+        return data
+
     for entry in manifest["splits"]["train"]["patches"]["shards"]:
         path = dst / entry["file"]
         with tarfile.open(path) as tar:
             members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
-        png = png or next(data for m, data in members if m.name.endswith(".png"))
         buffer = io.BytesIO()
         with tarfile.open(fileobj=buffer, mode="w") as tar:
             for member, data in members:
-                data = png if member.name.endswith(".png") else b"0"
+                data = constant(member.name, data)
                 member.size = len(data)
                 tar.addfile(member, io.BytesIO(data))
         blob = buffer.getvalue()
@@ -156,7 +165,8 @@ def _tiny_step(overrides: dict[str, Any], tmp_path: Path) -> tuple[GanStep, Any,
         )
         for _ in range(cfg.gan.n_critic)
     ]
-    return GanStep(cfg.gan, models, CPU, 4, cfg.seed, cfg.train.channels_last), models, reals
+    step_cls = VaeStep if cfg.gan.arch == "vae" else GanStep
+    return step_cls(cfg.gan, models, CPU, 4, cfg.seed, cfg.train.channels_last), models, reals
 
 
 @pytest.mark.parametrize(
@@ -197,6 +207,42 @@ def test_every_loss_trains(overrides: dict[str, Any], tmp_path: Path) -> None:
     for key in WEIGHTS:
         changed = [n for n, t in after[key].items() if t.is_floating_point() and not torch.equal(t, before[key][n])]
         assert changed, f"{key} did not change"
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"gan.attention": 8, "gan.conditioning": "projection"},
+        {"gan.arch": "resnet", "gan.loss": "hinge", "gan.spectral_norm": True, "gan.conditioning": "projection"},
+        {"gan.arch": "resnet", "gan.attention": 4, "gan.conditioning": "adc", "gan.n_critic": 2},
+        {"gan.arch": "resnet", "gan.loss": "wgan-gp", "gan.conditioning": "concat"},
+        {"gan.arch": "vae"},
+        {"gan.arch": "vae", "gan.attention": 8, "gan.vae.adversarial": 0.1, "gan.n_critic": 2, "gan.r1_gamma": 1.0},
+    ],
+    ids=["dcgan-attention", "resnet-hinge-sn", "resnet-attention-adc", "resnet-wgan-gp", "vae", "vae-gan"],
+)
+def test_every_family_trains(overrides: dict[str, Any], tmp_path: Path) -> None:
+    """Every trained module changes and so do the EMA generator's samples; a VAE's loss (its ELBO) goes down."""
+    step, models, reals = _tiny_step(overrides | {"train.channels_last": False}, tmp_path)
+    z, labels = torch.randn(8, 16, generator=torch.Generator().manual_seed(1)), torch.arange(8) % 4
+    samples = models.ema.module.eval()(z, labels)
+    before = {k: {n: t.clone() for n, t in v.items()} for k, v in models.state().items() if k in (*WEIGHTS, "encoder")}
+    losses = []
+    for i in range(6):
+        out = step(i, reals)
+        assert set(out) >= set(step.metrics) and all(torch.isfinite(out[k]) for k in step.metrics), out
+        losses.append(out["loss_g"].item())
+    after = models.state()
+    trained = {"g", "g_ema"} | ({"encoder"} if "gan.arch" in overrides and overrides["gan.arch"] == "vae" else set())
+    trained |= {"d"} if models.d is not None else set()
+    assert set(before) == trained
+    for key in trained:
+        changed = [n for n, t in after[key].items() if t.is_floating_point() and not torch.equal(t, before[key][n])]
+        assert changed, f"{key} did not change"
+    assert not torch.allclose(models.ema.module.eval()(z, labels), samples, atol=1e-4)
+    if overrides.get("gan.arch") == "vae":
+        assert losses[-1] < losses[0], losses
+        assert {"recon", "kl"} <= set(out) and (models.d is None) == ("gan.vae.adversarial" not in overrides)
 
 
 def test_class_head_losses() -> None:
@@ -302,9 +348,20 @@ def test_non_finite_loss_is_one_line_and_keeps_the_checkpoint(
 
 
 @pytest.mark.slow
-def test_world_size_1_and_2_train_the_same_weights(tiny_shards: Path, extractor: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "family",
+    [
+        {"gan.arch": "dcgan"},
+        {"gan.arch": "resnet", "gan.attention": 8},
+        {"gan.arch": "vae", "gan.vae.adversarial": 0.5},  # the encoder, the decoder and the D of its GAN term
+    ],
+    ids=["dcgan", "resnet-attention", "vae-gan"],
+)
+def test_world_size_1_and_2_train_the_same_weights(
+    family: dict[str, Any], tiny_shards: Path, extractor: Path, tmp_path: Path
+) -> None:
     shards = _constant_shards(tiny_shards, tmp_path / "shards")
-    overrides = {
+    overrides = family | {
         "train.deterministic": True,
         "train.precision": "fp32",  # exact maths for the comparison, whatever the CPU's bf16 support
         "gan.steps": 4,
@@ -323,16 +380,20 @@ def test_world_size_1_and_2_train_the_same_weights(tiny_shards: Path, extractor:
         status, err = _run(_command(work, shards, extractor, nproc), work / "stderr.log")
         assert status == 0, err[-3000:]
         results[nproc] = checkpoint.load(work / "ckpt" / "last.pt")
-    for key in WEIGHTS:
+    trained = [k for k in (*WEIGHTS, "encoder") if k in results[1]]
+    assert trained == [*WEIGHTS, "encoder"] if family["gan.arch"] == "vae" else list(WEIGHTS)
+    for key in trained:
         for name, t1 in results[1][key].items():
             t2 = results[2][key][name]
             assert torch.allclose(t1.float(), t2.float(), rtol=1e-4, atol=1e-5), f"{key}.{name}"
-    fid = [[row["val_fid"] for row in results[n]["history"] if "val_fid" in row] for n in (1, 2)]
-    assert fid[0] == pytest.approx(fid[1], rel=1e-4)
+    for metric in ("val_fid", "val_class_fidelity"):
+        values = [[row[metric] for row in results[n]["history"] if metric in row] for n in (1, 2)]
+        assert values[0] and values[0] == pytest.approx(values[1], rel=1e-4), metric
     client = MlflowClient()
     experiment = client.get_experiment_by_name("texture-pipeline")
-    sizes = sorted(r.data.tags["world_size"] for r in client.search_runs([experiment.experiment_id]))
-    assert sizes == ["1", "2"]
+    runs = client.search_runs([experiment.experiment_id])
+    assert sorted(r.data.tags["world_size"] for r in runs) == ["1", "2"]
+    assert {r.data.tags["model.arch"] for r in runs} == {family["gan.arch"]}
 
 
 @pytest.mark.slow
@@ -361,8 +422,12 @@ def test_per_rank_batchnorm_ranks_evaluate_and_save_one_model(
 
 
 @pytest.mark.slow
-def test_sigterm_saves_and_resume_matches_a_straight_run(tiny_shards: Path, extractor: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("arch", ["dcgan", "vae"])  # the GAN families share GanStep; the VAE has its own step
+def test_sigterm_saves_and_resume_matches_a_straight_run(
+    arch: str, tiny_shards: Path, extractor: Path, tmp_path: Path
+) -> None:
     overrides = {"train.deterministic": True, "gan.steps": 40, "gan.checkpoint_every": 1000, "gan.eval_every": 20}
+    overrides["gan.arch"] = arch
     stopped, straight = tmp_path / "stopped", tmp_path / "straight"
     for work in (stopped, straight):
         work.mkdir()
@@ -381,8 +446,10 @@ def test_sigterm_saves_and_resume_matches_a_straight_run(tiny_shards: Path, extr
     assert status == 0 and f"resuming from {last} at step {step}" in err, err[-3000:]
     status, err = _run(_command(straight, tiny_shards, extractor, None), straight / "stderr.log")
     assert status == 0, err[-3000:]
-    a, b = _weights(last), _weights(straight / "ckpt" / "last.pt")
-    for key in WEIGHTS:
+    a, b = checkpoint.load(last), checkpoint.load(straight / "ckpt" / "last.pt")
+    trained = ["g", "g_ema", "encoder"] if arch == "vae" else list(WEIGHTS)  # a plain VAE has no D
+    assert [k for k in (*WEIGHTS, "encoder") if k in a] == trained
+    for key in trained:
         assert all(torch.equal(a[key][n], b[key][n]) for n in a[key]), key
 
     # A finished run asked again (DVC reruns a stage only when its code, params or data changed) trains

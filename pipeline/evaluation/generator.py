@@ -1,10 +1,12 @@
-"""Generator evaluation: FID, KID, precision/recall/coverage, diversity and intra-class FID in one place.
+"""Generator evaluation: FID, KID, precision/recall/coverage, diversity, intra-class FID and class fidelity in one
+place.
 
 The test protocol (:func:`evaluate_gan`): class-balanced samples of the EMA generator
 (``evaluate.samples_per_class`` per class) against every *test* patch, in the texture extractor's feature
 space (or Inception's with ``evaluate.fid_features: inception``), next to two baselines in the same
 features and sample counts: an *untrained* generator of the same architecture and real *train* patches
-(``fid_real``, what a perfect generator could reach). Per-step validation during training
+(``fid_real``, what a perfect generator could reach). Class fidelity is the share of samples that the texture
+extractor's classifier gives the class they were drawn for (chance: 1 / classes). Per-step validation during training
 (:func:`val_generator_scores`) reads the same features and maths on the val split. Generated samples come
 in fixed global chunks of ``batch_size``, chunk k made on rank ``k % world_size`` and gathered back in sample
 order, so the numbers do not depend on the world size. Everything runs in fp32.
@@ -45,7 +47,14 @@ from pipeline.metrics.fid import (
     kid,
     precision_recall_coverage,
 )
-from pipeline.models.gan import Generator, generate_from_noise, generate_images, load_generator, noise
+from pipeline.models.gan import (
+    ImageGenerator,
+    generate_from_noise,
+    generate_images,
+    load_generator,
+    noise,
+    same_architecture,
+)
 
 GRID_PER_CLASS = 8  # real and generated patches per class in the sample grid
 
@@ -62,7 +71,7 @@ def class_samples(num_classes: int, per_class: int, z_dim: int, seed: int, batch
 
 @torch.no_grad()
 def generated_features(
-    generator: Generator, extractor: nn.Module, z: Tensor, labels: Tensor, batch_size: int, env: DistEnv
+    generator: ImageGenerator, extractor: nn.Module, z: Tensor, labels: Tensor, batch_size: int, env: DistEnv
 ) -> Tensor:
     """Features float64 (N, d) of ``generator(z, labels)`` in sample order, on every rank.
 
@@ -134,6 +143,20 @@ def gan_metrics(
     }
 
 
+def class_fidelity(extractor: nn.Module, feats: Tensor, labels: Tensor, classes: list[str]) -> dict[str, Any]:
+    """``class_fidelity``: the mean over classes of the share of rows that the texture ``extractor``'s classifier
+    (``extractor.classify`` of its features ``feats``) assigns to their class ``labels``; and that share per class
+    name (``class_fidelity_per_class``, ``None`` for a class without rows)."""
+    predicted = extractor.classify(feats).argmax(1)
+    per_class: dict[str, float | None] = {}
+    for c, name in enumerate(classes):
+        rows = labels == c
+        per_class[name] = float((predicted[rows] == c).double().mean()) if rows.any() else None
+    present = [v for v in per_class.values() if v is not None]
+    mean = sum(present) / len(present) if present else None
+    return {"class_fidelity": mean, "class_fidelity_per_class": per_class}
+
+
 def val_generator_scores(real: Tensor, fake: Tensor, k: int) -> dict[str, float]:
     """The per-step validation numbers: FID, precision and recall of ``fake`` against ``real`` features."""
     prc = precision_recall_coverage(real, fake, k)
@@ -154,7 +177,7 @@ def _first_per_class(shard_dir: Path, num_classes: int, per_class: int, batch_si
 
 
 def gan_plot_data(
-    generator: Generator, shard_dir: Path, classes: list[str], seed: int, batch_size: int, device: Any
+    generator: ImageGenerator, shard_dir: Path, classes: list[str], seed: int, batch_size: int, device: Any
 ) -> dict:
     """Images for the per-class sample grid: real test patches and generated samples, uint8 (k, H, W, 3) per class."""
     labels = torch.arange(len(classes)).repeat_interleave(GRID_PER_CLASS)
@@ -170,8 +193,10 @@ def evaluate_gan(cfg: Config, env: DistEnv, shard_dir: Path, generator_path: Pat
     """``{"metrics": gan.json content (every rank), "plots": sample grid data (rank 0; {} elsewhere)}``.
 
     ``metrics``: fid, fid_ratio (fid / fid_untrained), kid_mean, kid_std, fid_features, num_samples, num_real,
-    precision, recall, density, coverage, diversity, diversity_per_class, fid_per_class and baselines
-    (fid_untrained, fid_real, with the recall and diversity of each, and num_real_train).
+    precision, recall, density, coverage, diversity, diversity_per_class, fid_per_class, class_fidelity,
+    class_fidelity_per_class and baselines (fid_untrained, fid_real, with the recall, diversity and class
+    fidelity of each (the real one: the classifier's accuracy on the test patches), and num_real_train).
+    Class fidelity always comes from the texture extractor, also with ``fid_features: inception``.
     """
     shard_dir, ev = Path(shard_dir), cfg.evaluate
     classes = list(load_manifest(shard_dir)["classes"])
@@ -181,12 +206,20 @@ def evaluate_gan(cfg: Config, env: DistEnv, shard_dir: Path, generator_path: Pat
     extractor, features_name = load_extractor(features_path, classes, env.device, inception)
     with torch.random.fork_rng(devices=[]):  # the same untrained weights on every rank and every run
         torch.manual_seed(cfg.seed)
-        untrained = Generator(**generator.kwargs).to(env.device).eval()
+        untrained = same_architecture(generator).to(env.device).eval()
 
     real, real_labels = real_features(extractor, shard_dir, "test", ev.batch_size, env)
     z, fake_labels = class_samples(len(classes), ev.samples_per_class, generator.z_dim, cfg.seed, ev.batch_size)
     fake = generated_features(generator, extractor, z, fake_labels, ev.batch_size, env)
     floor, floor_labels = generated_features(untrained, extractor, z, fake_labels, ev.batch_size, env), fake_labels
+    texture, texture_feats = extractor, {"real": real, "untrained": floor, "generated": fake}
+    if inception:  # class fidelity needs the texture classifier
+        texture, _ = load_extractor(features_path, classes, env.device)
+        texture_feats = {
+            "real": real_features(texture, shard_dir, "test", ev.batch_size, env)[0],
+            "untrained": generated_features(untrained, texture, z, fake_labels, ev.batch_size, env),
+            "generated": generated_features(generator, texture, z, fake_labels, ev.batch_size, env),
+        }
     train, train_labels = real_features(extractor, shard_dir, "train", ev.batch_size, env)
     train, train_labels = class_balanced(train, train_labels, ev.samples_per_class)
 
@@ -202,6 +235,10 @@ def evaluate_gan(cfg: Config, env: DistEnv, shard_dir: Path, generator_path: Pat
         # What each class's FID is for real train patches from other sources: the floor of ``fid_per_class``
         # (a few test sources per class make it large for the periodic classes).
         baselines["fid_per_class_real"] = fid_per_class(real, real_labels, train, train_labels, classes)
+        for name, f_labels in {"untrained": fake_labels, "real": real_labels}.items():
+            fidelity = class_fidelity(texture, texture_feats[name], f_labels, classes)
+            baselines[f"class_fidelity_{name}"] = fidelity["class_fidelity"]
+        metrics |= class_fidelity(texture, texture_feats["generated"], fake_labels, classes)
         metrics |= {
             # FID's scale belongs to the extractor; its ratio to the untrained generator's FID in the same
             # features is what the register gate reads (1 = no better than the initial weights).

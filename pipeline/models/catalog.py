@@ -8,7 +8,7 @@ from torch import nn
 
 from pipeline.config import Config, DataConfig
 from pipeline.data.sources import BUILTIN_CLASSES, _folder_classes, folder_root
-from pipeline.models.gan import Discriminator, Generator
+from pipeline.models.gan import GENERATORS, discriminator_from_config, encoder_from_config, generator_from_config
 from pipeline.models.segmenters import SEGMENTERS, segmenter_from_config
 
 COLUMNS = ("kind", "family", "selected_by", "in_use", "parameters")
@@ -28,10 +28,9 @@ def _count(model: nn.Module) -> int:
 
 
 def describe_models(cfg: Config) -> list[dict[str, Any]]:
-    """One row per model family: ``kind``, ``family``, ``selected_by`` (the param setting that picks it),
-    ``in_use`` (whether ``cfg`` picks it) and ``parameters`` (the model's parameter count at ``cfg``)."""
-    from pipeline.training.gan import _discriminator_batch_norm  # D's BatchNorm rule, where the trainer keeps it
-
+    """One row per model family and trained model: ``kind`` (segmenter; generator, and the discriminator or
+    encoder trained beside it), ``family``, ``selected_by`` (the param setting that picks it), ``in_use``
+    (whether ``cfg`` picks it) and ``parameters`` (the model's parameter count at ``cfg``)."""
     classes = num_classes(cfg.data)
     rows = [
         {
@@ -44,14 +43,16 @@ def describe_models(cfg: Config) -> list[dict[str, Any]]:
         for arch in SEGMENTERS
     ]
     gan, size = cfg.gan, cfg.data.patch_size
-    generator = Generator(classes, gan.z_dim, gan.channels, size, gan.fourier, gan.fourier_warp)
-    discriminator = Discriminator(
-        classes, gan.channels, size, gan.conditioning, gan.spectral_norm, _discriminator_batch_norm(gan)
-    )
-    for kind, model in (("generator", generator), ("discriminator", discriminator)):
-        rows.append(
-            {"kind": kind, "family": "dcgan", "selected_by": "gan", "in_use": True, "parameters": _count(model)}
-        )
+    for arch in GENERATORS:
+        models = {
+            "generator": generator_from_config(gan, classes, size, arch),
+            "discriminator": discriminator_from_config(gan, classes, size, arch),
+            "encoder": encoder_from_config(gan, classes, size, arch),
+        }
+        for kind, model in models.items():
+            if model is not None:
+                row = {"kind": kind, "family": arch, "selected_by": f"gan.arch={arch}", "in_use": arch == gan.arch}
+                rows.append(row | {"parameters": _count(model)})
     return rows
 
 

@@ -60,7 +60,8 @@ class TextureFeatureNet(nn.Module):
 
 
 class FeatureExtractor(nn.Module):
-    """A frozen ``TextureFeatureNet`` whose forward is ``.features`` (e.g. for torchmetrics' ``feature=``)."""
+    """A frozen ``TextureFeatureNet`` whose forward is ``.features`` (e.g. for torchmetrics' ``feature=``);
+    :meth:`classify` turns those features into the net's class logits."""
 
     def __init__(self, net: TextureFeatureNet) -> None:
         super().__init__()
@@ -72,6 +73,13 @@ class FeatureExtractor(nn.Module):
     @torch.no_grad()
     def forward(self, images: Tensor) -> Tensor:
         return self.net.features(images)
+
+    @torch.no_grad()
+    def classify(self, features: Tensor) -> Tensor:
+        """Class logits (N, num_classes), float32 on the CPU, of features (N, dim) from :meth:`forward`."""
+        head = self.net.head
+        weight = head[-1].weight
+        return head(features.to(weight.device, weight.dtype)).float().cpu()
 
 
 def save_feature_extractor(path: str | Path, model: TextureFeatureNet, meta: dict[str, Any]) -> None:

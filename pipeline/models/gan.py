@@ -1,4 +1,5 @@
-"""Class-conditional DCGAN (Radford et al. 2015) for texture patches, with the usual stabilisers as options.
+"""Class-conditional texture generators: the DCGAN (Radford et al. 2015) with the usual stabilisers as
+options, the family registry (``gan.arch``) and the one generator model file.
 
 - :class:`Generator`: ``z`` and a one-hot class go through a transposed conv to a ``side x side`` map
   (``side`` = 4 for 16/32/64-px patches), then one stride-2 transposed conv block per doubling, BatchNorm +
@@ -12,10 +13,16 @@
   that head to ``2 * num_classes`` logits, real and generated per class, which removes AC-GAN's pull
   towards easily classified, alike samples. Optional spectral norm
   (Miyato et al. 2018) on every layer and optional BatchNorm (the trainer drops it with spectral norm or a
-  gradient penalty, as SN-GAN, WGAN-GP and R1 do).
+  gradient penalty, as SN-GAN, WGAN-GP and R1 do). ``attention`` (both) adds a SAGAN self-attention block
+  after the feature map of that side.
+- :data:`GENERATORS`: the families by ``gan.arch`` name (``dcgan``, ``resnet``: :mod:`pipeline.models.gan_resnet`,
+  ``vae``: the decoder of :mod:`pipeline.models.vae`), built from params by :func:`generator_from_config` (and
+  the models trained beside them: :func:`discriminator_from_config`, :func:`encoder_from_config`).
 - :class:`EMA` of the generator's weights (the model that is evaluated and shipped), :func:`diff_augment`
   (Zhao et al. 2020: colour, translation, cutout; differentiable, applied to real and fake images).
-- :func:`generate_images`, :func:`save_generator`, :func:`load_generator`: the model file contract.
+- :func:`generate_images`, :func:`save_generator`, :func:`load_generator`: the model file contract. A model
+  file is :func:`pipeline.checkpoint.save_model`'s ``{"kwargs", "state_dict", "meta"}`` with the family in
+  ``kwargs["arch"]``; files without it (written before there were other families) hold a DCGAN.
 """
 
 from __future__ import annotations
@@ -24,49 +31,34 @@ import copy
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.utils.parametrizations import spectral_norm as _spectral_norm
 
 from pipeline import checkpoint
+from pipeline.config import GanConfig
+from pipeline.models.gan_blocks import (
+    CLASS_HEADS,
+    CONDITIONINGS,
+    Conditioning,
+    ImageGenerator,
+    downsampling_stack,
+    init_dcgan,
+    layout,
+    one_hot_input,
+    spectral,
+    upsampling_stack,
+    with_class_maps,
+)
+from pipeline.models.gan_resnet import ResNetDiscriminator, ResNetGenerator
+from pipeline.models.vae import VaeDecoder, VaeEncoder
 
-Conditioning = Literal["concat", "projection", "ac", "adc"]
-CLASS_HEADS = {"ac": 1, "adc": 2}  # conditionings with a class head: its logits per class
-CONDITIONINGS: tuple[str, ...] = get_args(Conditioning)
 AUGMENTATIONS = ("color", "translation", "cutout")
-MIN_SIDE = 4  # the smallest feature map: 16/32/64-px patches start (G) and end (D) at 4 x 4
-LEAK = 0.2
-INIT_STD = 0.02  # DCGAN initialisation
 EMA_WARMUP = 10  # EMA decay ramps as (1 + t) / (EMA_WARMUP + t) until it reaches the configured decay
-
-
-def layout(image_size: int) -> tuple[int, int]:
-    """``(side, blocks)``: the first map's side and the number of 2x up/down blocks for ``image_size``.
-
-    Halve while the result stays an integer >= :data:`MIN_SIDE`: 16 -> (4, 2), 32 -> (4, 3), 64 -> (4, 4),
-    48 -> (6, 3).
-    """
-    if image_size < 2 * MIN_SIDE or image_size % 2:
-        raise ValueError(f"image_size must be an even number >= {2 * MIN_SIDE}, got {image_size}")
-    side, blocks = image_size, 0
-    while side % 2 == 0 and side // 2 >= MIN_SIDE:
-        side, blocks = side // 2, blocks + 1
-    return side, blocks
-
-
-def _init_dcgan(module: nn.Module) -> None:
-    for m in module.modules():
-        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, 0.0, INIT_STD)
-            if getattr(m, "bias", None) is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.normal_(m.weight, 1.0, INIT_STD)
-            nn.init.zeros_(m.bias)
+LEGACY_ARCH = "dcgan"  # the family of model files that do not name one
 
 
 class FourierHead(nn.Module):
@@ -109,15 +101,24 @@ class FourierHead(nn.Module):
             return torch.bmm(out[..., 3:].transpose(1, 2), waves).view(b, 3, side, side)
 
 
-class Generator(nn.Module):
+class Generator(ImageGenerator):
     """``forward(z (B, z_dim), labels (B,)) -> images (B, 3, S, S)`` in [-1, 1].
 
     With ``fourier > 0`` a :class:`FourierHead` of that many sinusoids is added to the three colour maps before
     ``tanh``; with ``fourier_warp`` too, the last transposed conv draws a fourth map, the head's phase warp.
     """
 
+    arch = "dcgan"
+
     def __init__(
-        self, num_classes: int, z_dim: int, channels: int, image_size: int, fourier: int = 0, fourier_warp: bool = True
+        self,
+        num_classes: int,
+        z_dim: int,
+        channels: int,
+        image_size: int,
+        fourier: int = 0,
+        fourier_warp: bool = True,
+        attention: int = 0,
     ) -> None:
         super().__init__()
         self.kwargs = {"num_classes": num_classes, "z_dim": z_dim, "channels": channels, "image_size": image_size}
@@ -125,27 +126,17 @@ class Generator(nn.Module):
             self.kwargs["fourier"] = fourier
             if not fourier_warp:
                 self.kwargs["fourier_warp"] = False
+        if attention:
+            self.kwargs["attention"] = attention
         warp = bool(fourier and fourier_warp)
         self.num_classes, self.z_dim, self.image_size = num_classes, z_dim, image_size
-        side, blocks = layout(image_size)
-        width = channels * 2 ** (blocks - 1)
-        layers: list[nn.Module] = [
-            nn.ConvTranspose2d(z_dim + num_classes, width, side, 1, 0, bias=False),
-            nn.BatchNorm2d(width),
-            nn.ReLU(inplace=True),
-        ]
-        for _ in range(blocks - 1):
-            layers += [nn.ConvTranspose2d(width, width // 2, 4, 2, 1, bias=False), nn.BatchNorm2d(width // 2)]
-            layers.append(nn.ReLU(inplace=True))
-            width //= 2
-        layers.append(nn.ConvTranspose2d(width, 3 + warp, 4, 2, 1))
-        self.net = nn.Sequential(*layers)
+        self.net = nn.Sequential(*upsampling_stack(z_dim + num_classes, channels, image_size, 3 + warp, attention))
         self.fourier = FourierHead(z_dim + num_classes, fourier, image_size) if fourier else None
         self.fourier_warp = warp
-        _init_dcgan(self)
+        init_dcgan(self)
 
     def forward(self, z: Tensor, labels: Tensor) -> Tensor:
-        cond = torch.cat([z, F.one_hot(labels, self.num_classes).to(z.dtype)], 1)
+        cond = one_hot_input(z, labels, self.num_classes)
         x = self.net(cond[:, :, None, None])
         if self.fourier is not None:
             warp = x[:, 3:] if self.fourier_warp else None
@@ -170,36 +161,28 @@ class Discriminator(nn.Module):
         conditioning: Conditioning = "concat",
         spectral_norm: bool = False,
         batch_norm: bool = True,
+        attention: int = 0,
     ) -> None:
         super().__init__()
         if conditioning not in CONDITIONINGS:
             raise ValueError(f"conditioning must be one of {', '.join(CONDITIONINGS)}, got {conditioning!r}")
         self.num_classes, self.conditioning = num_classes, conditioning
-        side, blocks = layout(image_size)
-        sn = _spectral_norm if spectral_norm else (lambda m: m)
+        side, _ = layout(image_size)
+        sn = spectral(spectral_norm)
         c_in = 3 + (num_classes if conditioning == "concat" else 0)
-        layers: list[nn.Module] = [sn(nn.Conv2d(c_in, channels, 4, 2, 1)), nn.LeakyReLU(LEAK, inplace=True)]
-        width = channels
-        for _ in range(blocks - 1):
-            layers.append(sn(nn.Conv2d(width, width * 2, 4, 2, 1, bias=not batch_norm)))
-            if batch_norm:
-                layers.append(nn.BatchNorm2d(width * 2))
-            layers.append(nn.LeakyReLU(LEAK, inplace=True))
-            width *= 2
+        layers, width = downsampling_stack(c_in, channels, image_size, batch_norm, spectral_norm, attention)
         self.features = nn.Sequential(*layers)
         self.head = sn(nn.Conv2d(width, 1, side, 1, 0))
         self.embed = sn(nn.Embedding(num_classes, width)) if conditioning == "projection" else None
         heads = CLASS_HEADS.get(conditioning, 0)
         self.classifier = sn(nn.Linear(width, heads * num_classes)) if heads else None
-        _init_dcgan(self)
+        init_dcgan(self)
 
     def forward(self, images: Tensor, labels: Tensor, with_classes: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         if with_classes and self.classifier is None:
             raise ValueError(f"class logits need a class head (conditioning {', '.join(CLASS_HEADS)})")
         if self.conditioning == "concat":
-            onehot = F.one_hot(labels, self.num_classes).to(images.dtype)
-            maps = onehot[:, :, None, None].expand(-1, -1, *images.shape[-2:])
-            images = torch.cat([images, maps.contiguous(memory_format=_memory_format(images))], 1)
+            images = with_class_maps(images, labels, self.num_classes)
         h = self.features(images)
         logits = self.head(h).flatten()
         if self.embed is not None:
@@ -209,8 +192,68 @@ class Discriminator(nn.Module):
         return logits
 
 
-def _memory_format(x: Tensor) -> torch.memory_format:
-    return torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+GENERATORS: dict[str, type[ImageGenerator]] = {cls.arch: cls for cls in (Generator, ResNetGenerator, VaeDecoder)}
+
+
+def build_generator(arch: str, **kwargs: Any) -> ImageGenerator:
+    """The ``arch`` family's generator with its constructor ``kwargs`` (``num_classes``, ``z_dim``, ...)."""
+    if arch not in GENERATORS:
+        raise ValueError(f"unknown generator arch {arch!r}; expected one of {', '.join(GENERATORS)}")
+    return GENERATORS[arch](**kwargs)
+
+
+def same_architecture(generator: ImageGenerator) -> ImageGenerator:
+    """A new generator of ``generator``'s family and constructor arguments (fresh weights from torch's RNG)."""
+    return build_generator(generator.arch, **generator.kwargs)
+
+
+def discriminator_batch_norm(gan: GanConfig) -> bool:
+    """BatchNorm in D only without spectral norm and gradient penalties (as in SN-GAN, WGAN-GP, R1 papers).
+
+    A penalty on the gradient w.r.t. one image is ill-defined when batch statistics tie every image's
+    logit to the others (and its double backward would have to run through the cross-rank reduction).
+    """
+    return not gan.spectral_norm and gan.loss != "wgan-gp" and gan.r1_gamma == 0
+
+
+def generator_from_config(gan: GanConfig, num_classes: int, image_size: int, arch: str | None = None) -> ImageGenerator:
+    """The family ``arch`` (default ``gan.arch``) as the ``gan`` section configures it."""
+    arch = arch or gan.arch
+    kwargs: dict[str, Any] = {"num_classes": num_classes, "z_dim": gan.z_dim, "channels": gan.channels}
+    kwargs |= {"image_size": image_size, "attention": gan.attention}
+    if arch == "dcgan":
+        kwargs |= {"fourier": gan.fourier, "fourier_warp": gan.fourier_warp}
+    return build_generator(arch, **kwargs)
+
+
+def discriminator_from_config(
+    gan: GanConfig, num_classes: int, image_size: int, arch: str | None = None
+) -> nn.Module | None:
+    """The discriminator trained beside family ``arch`` (default ``gan.arch``): a residual one for ``resnet``, the
+    DCGAN's for ``dcgan`` and for ``vae`` with an adversarial term (``gan.vae.adversarial > 0``), else ``None``."""
+    arch = arch or gan.arch
+    if arch == "vae" and gan.vae.adversarial == 0:
+        return None
+    if arch == "resnet":
+        return ResNetDiscriminator(
+            num_classes, gan.channels, image_size, gan.conditioning, gan.spectral_norm, gan.attention
+        )
+    return Discriminator(
+        num_classes,
+        gan.channels,
+        image_size,
+        conditioning=gan.conditioning,
+        spectral_norm=gan.spectral_norm,
+        batch_norm=discriminator_batch_norm(gan),
+        attention=gan.attention,
+    )
+
+
+def encoder_from_config(gan: GanConfig, num_classes: int, image_size: int, arch: str | None = None) -> nn.Module | None:
+    """The VAE's encoder for family ``vae`` (default ``gan.arch``); ``None`` for the GANs."""
+    if (arch or gan.arch) != "vae":
+        return None
+    return VaeEncoder(num_classes, gan.z_dim, gan.channels, image_size)
 
 
 class EMA:
@@ -318,7 +361,7 @@ def noise(n: int, z_dim: int, seed: int) -> Tensor:
 
 
 @torch.no_grad()
-def generate_from_noise(generator: Generator, z: Tensor, labels: Tensor, batch_size: int, device: Any) -> Tensor:
+def generate_from_noise(generator: ImageGenerator, z: Tensor, labels: Tensor, batch_size: int, device: Any) -> Tensor:
     """Images in [0, 1] (float, on the CPU) for latents ``z`` and ``labels``, in eval mode, in batches."""
     was_training = generator.training
     generator.eval()
@@ -333,13 +376,13 @@ def generate_from_noise(generator: Generator, z: Tensor, labels: Tensor, batch_s
     return torch.cat(out) if out else torch.empty(0, 3, generator.image_size, generator.image_size)
 
 
-def generate_images(generator: Generator, labels: Tensor, seed: int, batch_size: int, device: Any) -> Tensor:
+def generate_images(generator: ImageGenerator, labels: Tensor, seed: int, batch_size: int, device: Any) -> Tensor:
     """``(N, 3, H, W)`` float images in [0, 1] for class ``labels`` (N,); the same seed gives the same images."""
     labels = torch.as_tensor(labels, dtype=torch.int64)
     return generate_from_noise(generator, noise(labels.shape[0], generator.z_dim, seed), labels, batch_size, device)
 
 
-def sample_grid(generator: Generator, per_class: int, seed: int, device: Any, pad: int = 2) -> np.ndarray:
+def sample_grid(generator: ImageGenerator, per_class: int, seed: int, device: Any, pad: int = 2) -> np.ndarray:
     """uint8 ``(H, W, 3)`` grid of generated samples: one row per class, ``per_class`` columns."""
     labels = torch.arange(generator.num_classes).repeat_interleave(per_class)
     images = generate_images(generator, labels, seed, batch_size=labels.shape[0], device=device)
@@ -352,12 +395,17 @@ def sample_grid(generator: Generator, per_class: int, seed: int, device: Any, pa
     return (grid.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
 
 
-def save_generator(path: str | Path, generator: Generator, meta: dict[str, Any]) -> None:
-    """The generator model file (see :func:`pipeline.checkpoint.save_model`)."""
-    checkpoint.save_model(path, generator, generator.kwargs, meta)
+def _from_file_kwargs(arch: str = LEGACY_ARCH, **kwargs: Any) -> ImageGenerator:
+    return build_generator(arch, **kwargs)
 
 
-def load_generator(path: str | Path, device: str | torch.device = "cpu") -> tuple[Generator, dict[str, Any]]:
-    """The saved (EMA) generator in eval mode on ``device``, and its meta (classes, step, val_fid, run_id, ...)."""
-    model, meta = checkpoint.load_model(path, Generator, "generator model")
+def save_generator(path: str | Path, generator: ImageGenerator, meta: dict[str, Any]) -> None:
+    """The generator model file of any family (see :func:`pipeline.checkpoint.save_model`)."""
+    checkpoint.save_model(path, generator, {"arch": generator.arch, **generator.kwargs}, meta)
+
+
+def load_generator(path: str | Path, device: str | torch.device = "cpu") -> tuple[ImageGenerator, dict[str, Any]]:
+    """The saved (EMA) generator, whatever its family, in eval mode on ``device``, and its meta (classes, step,
+    val_fid, run_id, ...)."""
+    model, meta = checkpoint.load_model(path, _from_file_kwargs, "generator model")  # type: ignore[arg-type]
     return model.to(device).eval(), meta

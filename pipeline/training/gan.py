@@ -1,4 +1,5 @@
-"""The conditional texture GAN as a task of the one training loop: models, batches, val FID, outputs.
+"""The conditional texture generators (``gan.arch``: the DCGAN, the residual GAN, the conditional VAE) as a task
+of the one training loop: models, batches, val FID, outputs.
 
 Distribution: G and D are each wrapped in DDP; the step's maths (:class:`GanStep`) draws every random
 number for the global batch. With ``gan.sync_bn`` BatchNorm statistics span the global batch, so the
@@ -8,8 +9,11 @@ before every evaluation, sample grid and checkpoint.
 
 Validation: every ``gan.eval_every`` steps (and at step 0 and at the end) the EMA generator draws
 ``gan.eval_samples`` class-balanced samples from fixed latents; :mod:`pipeline.evaluation` turns them and
-the val patches into FID, precision and recall. The lowest val FID's EMA weights are kept:
-``out_dir/generator.pt``.
+the val patches into FID, precision and recall, and the extractor's classifier into class fidelity (the share
+of samples given their class). The lowest val FID's EMA weights are kept: ``out_dir/generator.pt``.
+
+A VAE trains the same way, through :class:`VaeStep`: its decoder is the generator (EMA, validation, export),
+its encoder shares the generator's optimiser, and a discriminator exists only for its optional GAN term.
 """
 
 from __future__ import annotations
@@ -25,14 +29,24 @@ from torch import Tensor, nn
 from pipeline import checkpoint
 from pipeline.config import Config, GanConfig
 from pipeline.data.shards import MANIFEST, load_manifest
-from pipeline.distributed import DistEnv, distributed, plain_module
+from pipeline.distributed import DistEnv, distributed
 from pipeline.engine import GracefulStop, Session
 from pipeline.errors import UserError
 from pipeline.evaluation.features import load_extractor, real_features
-from pipeline.evaluation.generator import generated_features, val_generator_scores
+from pipeline.evaluation.generator import class_fidelity, generated_features, val_generator_scores
 from pipeline.images import png_bytes
-from pipeline.models.gan import EMA, Discriminator, Generator, noise, sample_grid, save_generator
-from pipeline.training.gan_loss import STEP_METRICS, GanModels, GanStep
+from pipeline.models.gan import (
+    EMA,
+    ImageGenerator,
+    discriminator_from_config,
+    encoder_from_config,
+    generator_from_config,
+    noise,
+    same_architecture,
+    sample_grid,
+    save_generator,
+)
+from pipeline.training.gan_loss import GanModels, GanStep, VaeStep
 from pipeline.training.loop import (
     CHECKPOINT_FORMAT,
     Schedule,
@@ -51,15 +65,6 @@ GRID_COLUMNS = 8
 _EVAL_STREAM, _GRID_STREAM, _INIT_STREAM = 1, 2, 3  # purposes of derived seeds (0: the step's draws)
 
 
-def _discriminator_batch_norm(gan: GanConfig) -> bool:
-    """BatchNorm in D only without spectral norm and gradient penalties (as in SN-GAN, WGAN-GP, R1 papers).
-
-    A penalty on the gradient w.r.t. one image is ill-defined when batch statistics tie every image's
-    logit to the others (and its double backward would have to run through the cross-rank reduction).
-    """
-    return not gan.spectral_norm and gan.loss != "wgan-gp" and gan.r1_gamma == 0
-
-
 def build_models(
     gan: GanConfig,
     num_classes: int,
@@ -69,29 +74,26 @@ def build_models(
     seed: int,
     compiled: bool = False,
 ) -> GanModels:
-    """G, D (DDP-wrapped when distributed), EMA and optimisers; initial weights from the run seed."""
+    """G, D and a VAE's encoder (DDP-wrapped when distributed; ``gan.arch`` picks them), EMA and optimisers;
+    initial weights from the run seed."""
 
-    def build() -> tuple[nn.Module, nn.Module]:
-        g = Generator(num_classes, gan.z_dim, gan.channels, image_size, gan.fourier, gan.fourier_warp)
-        d = Discriminator(
-            num_classes,
-            gan.channels,
-            image_size,
-            conditioning=gan.conditioning,
-            spectral_norm=gan.spectral_norm,
-            batch_norm=_discriminator_batch_norm(gan),
-        )
-        return g, d
+    def build() -> tuple[nn.Module, nn.Module | None, nn.Module | None]:
+        g = generator_from_config(gan, num_classes, image_size)
+        d = discriminator_from_config(gan, num_classes, image_size)
+        return g, d, encoder_from_config(gan, num_classes, image_size)
 
-    g, d = seeded(derive_seed(seed, _INIT_STREAM), build)
-    g = place(g, env, sync_bn=gan.sync_bn, channels_last=channels_last)
-    d = place(d, env, sync_bn=gan.sync_bn, channels_last=channels_last)
+    def placed(module: nn.Module | None) -> nn.Module | None:
+        return None if module is None else place(module, env, sync_bn=gan.sync_bn, channels_last=channels_last)
+
+    def wrapped(module: nn.Module | None) -> nn.Module | None:
+        return None if module is None else wrap_ddp(module, env, compiled)
+
+    g, d, encoder = (placed(m) for m in seeded(derive_seed(seed, _INIT_STREAM), build))
     ema = EMA(g, gan.ema_decay)
-    opt_g = torch.optim.Adam(g.parameters(), lr=gan.lr_g, betas=(gan.beta1, gan.beta2))
-    opt_d = torch.optim.Adam(d.parameters(), lr=gan.lr_d, betas=(gan.beta1, gan.beta2))
-    return GanModels(
-        wrap_ddp(g, env, compiled), wrap_ddp(d, env, compiled), ema, opt_g, opt_d, env.grad_scaler(), env.grad_scaler()
-    )
+    trained_with_g = [*g.parameters(), *(encoder.parameters() if encoder is not None else ())]
+    opt_g = torch.optim.Adam(trained_with_g, lr=gan.lr_g, betas=(gan.beta1, gan.beta2))
+    opt_d = None if d is None else torch.optim.Adam(d.parameters(), lr=gan.lr_d, betas=(gan.beta1, gan.beta2))
+    return GanModels(wrapped(g), wrapped(d), ema, opt_g, opt_d, env.grad_scaler(), env.grad_scaler(), wrapped(encoder))
 
 
 def check_gan_batch(gan: GanConfig, world_size: int) -> None:
@@ -106,7 +108,8 @@ def check_gan_batch(gan: GanConfig, world_size: int) -> None:
 
 
 class GanTask(Task):
-    """G and D trained by :class:`GanStep`; validated and exported through the EMA generator."""
+    """G and D trained by :class:`GanStep` (a VAE by :class:`VaeStep`); validated and exported through the EMA
+    generator."""
 
     stage, sections, data_kind = STAGE, SECTIONS, "patches"
     best_metric = "val_fid"
@@ -134,7 +137,8 @@ class GanTask(Task):
         self.models = build_models(
             gan, len(self.classes), patch_size, env, train.channels_last, cfg.seed, train.compile
         )
-        self.step_fn = GanStep(gan, self.models, env, len(self.classes), cfg.seed, cfg.train.channels_last)
+        step_cls = VaeStep if gan.arch == "vae" else GanStep
+        self.step_fn = step_cls(gan, self.models, env, len(self.classes), cfg.seed, cfg.train.channels_last)
         self.extractor, self.features_sha256 = load_extractor(features_path, self.classes, env.device)
         self.real, _ = real_features(self.extractor, shard_dir, "val", gan.batch_size, env)
         n = gan.eval_samples
@@ -151,15 +155,16 @@ class GanTask(Task):
 
     def step(self, step: int, batch: list[tuple[Tensor, Tensor]]) -> dict[str, Tensor]:
         values = self.step_fn(step, batch)
-        return {k: values[k] for k in STEP_METRICS}
+        return {k: values[k] for k in self.step_fn.metrics}
 
     def validate(self, step: int) -> dict[str, float]:
         ema = self.models.ema.module
         fake = generated_features(ema, self.extractor, self.z, self.labels, self.cfg.gan.batch_size, self.env)
-        return val_generator_scores(self.real, fake, self.cfg.evaluate.knn_k)
+        fidelity = class_fidelity(self.extractor, fake, self.labels, self.classes)["class_fidelity"]
+        return val_generator_scores(self.real, fake, self.cfg.evaluate.knn_k) | {"val_class_fidelity": fidelity}
 
     def modules(self) -> list[nn.Module]:
-        return [plain_module(self.models.g), plain_module(self.models.d), self.models.ema.module]
+        return [*self.models.modules().values(), self.models.ema.module]
 
     def weights(self) -> dict[str, Tensor]:
         return self.models.ema.state_dict()
@@ -177,8 +182,8 @@ class GanTask(Task):
     def sample(self, step: int) -> np.ndarray:
         return sample_grid(self.models.ema.module, GRID_COLUMNS, self.grid_seed, self.env.device)
 
-    def _generator(self, weights: dict[str, Tensor]) -> Generator:
-        generator = Generator(**self.models.ema.module.kwargs)
+    def _generator(self, weights: dict[str, Tensor]) -> ImageGenerator:
+        generator = same_architecture(self.models.ema.module)
         generator.load_state_dict(weights)
         return generator
 
@@ -204,4 +209,5 @@ def train_gan(cfg: Config, shard_dir: Path, features_path: Path, out_dir: Path, 
         task = GanTask(cfg, shard_dir, Path(features_path), out_dir, env)
         fingerprint = f"{CHECKPOINT_FORMAT} features={task.features_sha256}"
         session = Session(cfg, STAGE, SECTIONS, env, Path(ckpt_dir), out_dir, shard_dir / MANIFEST, fingerprint)
-        run(task, session, env, stop, tags={"fid_features.sha256": task.features_sha256})
+        tags = {"fid_features.sha256": task.features_sha256, "model.arch": cfg.gan.arch}
+        run(task, session, env, stop, tags=tags)

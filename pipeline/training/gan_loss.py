@@ -1,4 +1,5 @@
-"""The GAN's model maths, outside the loop: D and G losses, class-head and mode-seeking terms, and one step.
+"""The generators' model maths, outside the loop: D and G losses, class-head and mode-seeking terms, one GAN
+step (:class:`GanStep`) and one VAE step (:class:`VaeStep`: the ELBO, optionally with a GAN term).
 
 Every random draw of a step (latents, fake classes, augmentations) is made for the global batch from a
 generator seeded by (seed, step) and sliced per rank, so with ``gan.sync_bn`` a step is the same computation
@@ -7,7 +8,8 @@ for any world size at the same ``gan.batch_size``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,11 +19,15 @@ from torch import Tensor, nn
 
 from pipeline.config import GanConfig
 from pipeline.distributed import DistEnv, plain_module
-from pipeline.models.gan import CLASS_HEADS, EMA, diff_augment
+from pipeline.models.gan import EMA, diff_augment
+from pipeline.models.gan_blocks import CLASS_HEADS
+from pipeline.models.vae import kl_divergence
 from pipeline.training.loop import backward_and_step, derive_seed
 
 STEP_STREAM = 0  # purpose of the derived seed of each step's draws
+D_METRICS = ("loss_d", "d_real", "d_fake", "grad_norm_d")
 STEP_METRICS = ("loss_d", "loss_g", "d_real", "d_fake", "grad_norm_d", "grad_norm_g")
+VAE_METRICS = ("loss_g", "recon", "kl", "grad_norm_g")  # loss_g: the encoder's and decoder's whole loss
 
 
 def _set_requires_grad(model: nn.Module, flag: bool) -> None:
@@ -104,43 +110,83 @@ def _input_gradient(logits: Tensor, inputs: Tensor, scaler: torch.amp.GradScaler
 
 @dataclass
 class GanModels:
-    """G and D (DDP-wrapped when distributed), the EMA generator and both optimisers."""
+    """G and D (DDP-wrapped when distributed), the EMA generator and the optimisers.
+
+    A VAE's G is its decoder, trained with its ``encoder`` by ``opt_g``; a plain VAE has no D (``d``, ``opt_d``
+    ``None``).
+    """
 
     g: nn.Module
-    d: nn.Module
+    d: nn.Module | None
     ema: EMA
     opt_g: torch.optim.Optimizer
-    opt_d: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer | None
     scaler_g: torch.amp.GradScaler
     scaler_d: torch.amp.GradScaler
+    encoder: nn.Module | None = None
+
+    def modules(self) -> dict[str, nn.Module]:
+        """The trained modules by checkpoint key (DDP wrappers removed)."""
+        found = {"g": self.g, "d": self.d, "encoder": self.encoder}
+        return {k: plain_module(m) for k, m in found.items() if m is not None}
 
     def state(self) -> dict[str, Any]:
-        return {
-            "g": plain_module(self.g).state_dict(),
-            "d": plain_module(self.d).state_dict(),
-            "g_ema": self.ema.state_dict(),
-            "opt_g": self.opt_g.state_dict(),
-            "opt_d": self.opt_d.state_dict(),
-            "scaler_g": self.scaler_g.state_dict(),
-            "scaler_d": self.scaler_d.state_dict(),
-        }
+        state = {k: m.state_dict() for k, m in self.modules().items()}
+        state |= {"g_ema": self.ema.state_dict(), "opt_g": self.opt_g.state_dict()}
+        state |= {"scaler_g": self.scaler_g.state_dict(), "scaler_d": self.scaler_d.state_dict()}
+        if self.opt_d is not None:
+            state["opt_d"] = self.opt_d.state_dict()
+        return state
 
     def load(self, state: dict[str, Any]) -> None:
-        plain_module(self.g).load_state_dict(state["g"])
-        plain_module(self.d).load_state_dict(state["d"])
+        for key, module in self.modules().items():
+            module.load_state_dict(state[key])
         self.ema.load_state_dict(state["g_ema"])
         self.opt_g.load_state_dict(state["opt_g"])
-        self.opt_d.load_state_dict(state["opt_d"])
+        if self.opt_d is not None:
+            self.opt_d.load_state_dict(state["opt_d"])
         if state["scaler_g"]:
             self.scaler_g.load_state_dict(state["scaler_g"])
             self.scaler_d.load_state_dict(state["scaler_d"])
 
 
+class _StepDraws:
+    """Every random draw of one step, made for the global batch from one generator seeded by (seed, step),
+    and this rank's rows of it."""
+
+    def __init__(self, gan: GanConfig, env: DistEnv, num_classes: int, seed: int, step: int, rows: int) -> None:
+        self.gan, self.env, self.num_classes, self.rows = gan, env, num_classes, rows
+        self.total, self.offset = rows * env.world_size, rows * env.rank
+        self.gen = torch.Generator().manual_seed(derive_seed(seed, STEP_STREAM, step))
+
+    def _mine(self, x: Tensor) -> Tensor:
+        return x[self.offset : self.offset + self.rows].to(self.env.device)
+
+    def normal(self, dim: int) -> Tensor:
+        return self._mine(torch.randn(self.total, dim, generator=self.gen))
+
+    def latents(self) -> tuple[Tensor, Tensor]:
+        """Latents and classes for generated rows (mode-seeking pairs of rows share their class)."""
+        z = self.normal(self.gan.z_dim)
+        y = torch.randint(0, self.num_classes, (self.total,), generator=self.gen)
+        if self.gan.mode_seeking > 0:
+            y[1::2] = y[0::2]  # mode-seeking pairs: rows (2j, 2j + 1) share their class
+        return z, self._mine(y)
+
+    def augment(self, x: Tensor) -> Tensor:
+        return diff_augment(x, self.gan.diffaug, self.gen, self.offset, self.total) if self.gan.diffaug else x
+
+    def uniform(self) -> Tensor:
+        return self._mine(torch.rand(self.total, generator=self.gen))
+
+
 class GanStep:
     """One training step: ``gan.n_critic`` discriminator updates, then one generator update and the EMA.
 
-    Called with this rank's real batches; returns this rank's detached scalars (:data:`STEP_METRICS`).
+    Called with this rank's real batches; returns this rank's detached scalars (:attr:`metrics`).
     """
+
+    metrics = STEP_METRICS
 
     def __init__(
         self, gan: GanConfig, models: GanModels, env: DistEnv, num_classes: int, seed: int, channels_last: bool
@@ -148,61 +194,59 @@ class GanStep:
         self.gan, self.m, self.env, self.num_classes, self.seed = gan, models, env, num_classes, seed
         self.fmt = torch.channels_last if channels_last else torch.contiguous_format
 
+    def _draws(self, step: int, reals: list[tuple[Tensor, Tensor]]) -> _StepDraws:
+        return _StepDraws(self.gan, self.env, self.num_classes, self.seed, step, reals[0][0].shape[0])
+
+    def _real(self, images: Tensor) -> Tensor:
+        return images.to(self.env.device, memory_format=self.fmt).mul(2).sub(1)
+
     def __call__(self, step: int, reals: list[tuple[Tensor, Tensor]]) -> dict[str, Tensor]:
-        gan, m, env = self.gan, self.m, self.env
-        rows = reals[0][0].shape[0]
-        total, offset = rows * env.world_size, rows * env.rank
-        gen = torch.Generator().manual_seed(derive_seed(self.seed, STEP_STREAM, step))
-
-        def draw_latents() -> tuple[Tensor, Tensor]:
-            z = torch.randn(total, gan.z_dim, generator=gen)[offset : offset + rows]
-            y = torch.randint(0, self.num_classes, (total,), generator=gen)
-            if gan.mode_seeking > 0:
-                y[1::2] = y[0::2]  # mode-seeking pairs: rows (2j, 2j + 1) share their class
-            return z.to(env.device), y[offset : offset + rows].to(env.device)
-
-        def augment(x: Tensor) -> Tensor:
-            return diff_augment(x, gan.diffaug, gen, offset, total) if gan.diffaug else x
-
-        def uniform() -> Tensor:
-            return torch.rand(total, generator=gen)[offset : offset + rows].to(env.device)
-
+        m, env = self.m, self.env
+        draws = self._draws(step, reals)
         for i, (images, labels) in enumerate(reals):
-            real = images.to(env.device, memory_format=self.fmt).mul(2).sub(1)
-            z, y_fake = draw_latents()
+            real = self._real(images)
+            z, y_fake = draws.latents()
             last = i == len(reals) - 1
             with env.autocast(), torch.set_grad_enabled(last):
                 fake = m.g(z, y_fake)  # the last one keeps its graph for the generator update
-            loss_d, d_real, d_fake, norm_d, skipped_d = self._d_update(
-                augment(real), labels.to(env.device), augment(fake.detach()), y_fake, uniform
+            d_values = self._d_update(
+                draws.augment(real), labels.to(env.device), draws.augment(fake.detach()), y_fake, draws.uniform
             )
-
-        d_plain = plain_module(m.d)  # not the DDP wrapper: D's parameters get no gradient in this update
-        _set_requires_grad(d_plain, False)
-        try:
-            with env.autocast():
-                logits, classes = self._judge(d_plain, augment(fake), y_fake)
-                loss_g = g_loss(gan.loss, logits)
-            if classes is not None:  # G's images must carry their class for D's class head
-                loss_g = loss_g + g_class_loss(gan.conditioning, classes, y_fake)
-            if gan.mode_seeking > 0:
-                loss_g = loss_g + gan.mode_seeking * mode_seeking_loss(fake, z)
+        with self._frozen_d() as d:
+            loss_g = self._adversarial_g_loss(d, draws, fake, z, y_fake)
             m.opt_g.zero_grad(set_to_none=True)
             norm_g, skipped_g = backward_and_step(loss_g, m.opt_g, m.scaler_g, m.g.parameters())
-        finally:
-            _set_requires_grad(d_plain, True)
         m.ema.update(plain_module(m.g), step)
-        values = {
-            "loss_d": loss_d.detach(),
-            "loss_g": loss_g.detach(),
-            "d_real": d_real,
-            "d_fake": d_fake,
-            "grad_norm_d": norm_d,
-            "grad_norm_g": norm_g,
-        }
+        values = d_values | {"loss_g": loss_g.detach(), "grad_norm_g": norm_g}
+        skipped_d = values.pop("skipped_d")
         if skipped_g is not None and skipped_d is not None:  # fp16: the share of updates skipped for inf/NaN
             values["fp16_skipped"] = (skipped_g + skipped_d) / 2
         return values
+
+    @contextlib.contextmanager
+    def _frozen_d(self) -> Iterator[nn.Module | None]:
+        """D without the DDP wrapper and without gradients, for the generator's update (``None``: no D)."""
+        if self.m.d is None:
+            yield None
+            return
+        d_plain = plain_module(self.m.d)
+        _set_requires_grad(d_plain, False)
+        try:
+            yield d_plain
+        finally:
+            _set_requires_grad(d_plain, True)
+
+    def _adversarial_g_loss(self, d: nn.Module, draws: _StepDraws, fake: Tensor, z: Tensor, y_fake: Tensor) -> Tensor:
+        """G's loss on the frozen ``d``'s judgement of its images, with the class-head and mode-seeking terms."""
+        gan = self.gan
+        with self.env.autocast():
+            logits, classes = self._judge(d, draws.augment(fake), y_fake)
+            loss = g_loss(gan.loss, logits)
+        if classes is not None:  # G's images must carry their class for D's class head
+            loss = loss + g_class_loss(gan.conditioning, classes, y_fake)
+        if gan.mode_seeking > 0:
+            loss = loss + gan.mode_seeking * mode_seeking_loss(fake, z)
+        return loss
 
     def _judge(self, d: nn.Module, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor | None]:
         """D's real/fake logits and its class head's logits (``None`` without one), both float."""
@@ -213,7 +257,8 @@ class GanStep:
 
     def _d_update(
         self, real: Tensor, labels: Tensor, fake: Tensor, y_fake: Tensor, uniform: Callable[[], Tensor]
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+    ) -> dict[str, Tensor | None]:
+        """One D update; its :data:`D_METRICS` and ``skipped_d`` (fp16's skip flag, ``None`` without fp16)."""
         gan, m, env = self.gan, self.m, self.env
         if gan.r1_gamma > 0:
             real = real.detach().requires_grad_(True)
@@ -235,4 +280,64 @@ class GanStep:
             loss = loss + 0.5 * gan.r1_gamma * _input_gradient(logits_real, real, m.scaler_d).square().sum(1).mean()
         m.opt_d.zero_grad(set_to_none=True)
         norm, skipped = backward_and_step(loss, m.opt_d, m.scaler_d, m.d.parameters())
-        return loss.detach(), logits_real.detach().mean(), logits_fake.detach().mean(), norm, skipped
+        return {
+            "loss_d": loss.detach(),
+            "d_real": logits_real.detach().mean(),
+            "d_fake": logits_fake.detach().mean(),
+            "grad_norm_d": norm,
+            "skipped_d": skipped,
+        }
+
+
+class VaeStep(GanStep):
+    """One step of the conditional VAE: with a GAN term (``gan.vae.adversarial > 0``) first ``gan.n_critic`` D
+    updates on the decoder's prior samples; then one update of encoder and decoder on the last batch, and the EMA.
+
+    The decoder makes the reconstructions and the prior samples in one forward pass (one batch of statistics
+    for its BatchNorm, one DDP forward). Loss per image: squared error of the reconstruction (images in
+    [-1, 1]) + ``kl_weight`` x KL(q(z | x, y) || N(0, I)) [+ ``adversarial`` x the GAN generator loss].
+    """
+
+    def __init__(
+        self, gan: GanConfig, models: GanModels, env: DistEnv, num_classes: int, seed: int, channels_last: bool
+    ) -> None:
+        super().__init__(gan, models, env, num_classes, seed, channels_last)
+        self.adversarial = gan.vae.adversarial > 0
+        self.metrics = VAE_METRICS + (D_METRICS if self.adversarial else ())
+
+    def __call__(self, step: int, reals: list[tuple[Tensor, Tensor]]) -> dict[str, Tensor]:
+        gan, m, env = self.gan, self.m, self.env
+        draws = self._draws(step, reals)
+        values: dict[str, Tensor | None] = {"skipped_d": None}
+        for i, (images, labels) in enumerate(reals):
+            real, labels = self._real(images), labels.to(env.device)
+            eps = draws.normal(gan.z_dim)
+            z, y_fake = draws.latents()
+            if i == len(reals) - 1:
+                with env.autocast():
+                    mean, log_var = m.encoder(real, labels)
+                    z_post = mean + eps * (0.5 * log_var).exp()
+                    out = m.g(torch.cat([z_post, z]), torch.cat([labels, y_fake]))
+                recon, fake = out[: real.shape[0]], out[real.shape[0] :]
+            elif self.adversarial:
+                with env.autocast(), torch.no_grad():
+                    fake = m.g(z, y_fake)
+            if self.adversarial:
+                values = self._d_update(
+                    draws.augment(real), labels, draws.augment(fake.detach()), y_fake, draws.uniform
+                )
+        recon_loss = (recon.float() - real.float()).square().flatten(1).sum(1).mean()
+        kl = kl_divergence(mean, log_var)
+        loss = recon_loss + gan.vae.kl_weight * kl
+        with self._frozen_d() as d:
+            if d is not None:
+                loss = loss + gan.vae.adversarial * self._adversarial_g_loss(d, draws, fake, z, y_fake)
+            m.opt_g.zero_grad(set_to_none=True)
+            params = [*m.g.parameters(), *m.encoder.parameters()]
+            norm_g, skipped_g = backward_and_step(loss, m.opt_g, m.scaler_g, iter(params))
+        m.ema.update(plain_module(m.g), step)
+        skipped_d = values.pop("skipped_d")
+        values |= {"loss_g": loss.detach(), "recon": recon_loss.detach(), "kl": kl.detach(), "grad_norm_g": norm_g}
+        if skipped_g is not None:  # fp16: the share of updates skipped for inf/NaN
+            values["fp16_skipped"] = skipped_g if skipped_d is None else (skipped_g + skipped_d) / 2
+        return values  # type: ignore[return-value]
