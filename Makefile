@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install repro test test-fast lint format bench ui clean
+.PHONY: install repro test test-fast lint format bench gpu-check ui clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -37,6 +37,10 @@ format: install
 
 bench: install  ## every benchmark, side-by-side ratios -> benchmarks/results.{md,json} (shown in README)
 	$(PY) benchmarks/report.py
+
+# No install step: GPU machines may have no network. PY=... picks the Python, ARGS="--out benchmarks/gpu_check.md".
+gpu-check:  ## ~5 min on NVIDIA GPUs: NCCL busbw, steps/s 1 vs all GPUs, compile, data_wait png/raw, memory
+	PY=$(if $(wildcard $(PY)),$(PY),python) bash benchmarks/gpu_check.sh $(ARGS)
 
 ui: install  ## MLflow UI on the embedded store
 	mlflow ui --backend-store-uri sqlite:///mlflow.db --default-artifact-root ./mlartifacts --host 127.0.0.1 --port 5000

@@ -37,7 +37,7 @@ def machine() -> str:
 
 def rows(results: dict) -> list[tuple[str, str, str]]:
     """(what, ratio, details) per line of the table."""
-    ld, gs, sc = results["loader"], results["gan_step"], results["scaling"]
+    ld, gs, sc, gc = results["loader"], results["gan_step"], results["scaling"], results["gan_compile"]
     rate = ld["samples_per_s"]
     n = next(k for k in sc if k.isdigit() and k != "1")
     one, many = sc["1"], sc[n]
@@ -56,6 +56,12 @@ def rows(results: dict) -> list[tuple[str, str, str]]:
             "GAN step: our trainer / minimal plain PyTorch loop (CPU time, best)",
             f"{gs['ratio']['cpu']['best']:.3f}",
             f"target <= {gs['target']}; wall median {gs['ratio']['wall']['median']:.3f}",
+        ),
+        (
+            "GAN step: train.compile true / false, steps/s (median, compiling excluded)",
+            f"{gc['speedup']['median']:.2f}x",
+            f"{gc['median_ms']['compiled']:.1f} vs {gc['median_ms']['eager']:.1f} ms/step; "
+            f"compiling took {gc['warmup_s']['compiled']:.0f} s",
         ),
         (
             f"GAN training: {n} ranks / 1 rank, same global batch",
@@ -94,6 +100,7 @@ def main() -> None:
         "machine": machine(),
         "loader": loader.run(64, 1, repeats, None),
         "gan_step": gan_step.run(ns.params, steps=3, repeats=5 * repeats),
+        "gan_compile": gan_step.compile_run(ns.params, steps=3, repeats=3 * repeats),
         "scaling": scaling.run(ns.params, max(nproc, 2), steps=10 * repeats, rounds=1 if ns.quick else 2),
     }
     text = markdown(results)
