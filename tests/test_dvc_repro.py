@@ -39,6 +39,7 @@ def pipeline_repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[
     shutil.copy(ROOT / "dvc.yaml", repo)
     shutil.copy(ROOT / ".gitignore", repo)
     gates = {"register.gan.max_fid_ratio": 1e9, "register.gan.min_diversity": 0.0, "register.gan.min_recall": 0.0}
+    gates |= {"register.gan.min_class_fidelity": 0.0}
     write_params(repo, gates | {"register.segmenter.min_miou": 0.0})
     bin_dir = str(Path(sys.executable).parent)
     env = os.environ | {

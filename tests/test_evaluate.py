@@ -36,14 +36,15 @@ SINGLE = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"),
 GAN_KEYS = {
     "fid", "fid_ratio", "kid_mean", "kid_std", "fid_features", "num_samples", "num_real", "precision", "recall",
     "density", "coverage", "diversity", "diversity_per_class", "fid_per_class", "baselines",
+    "class_fidelity", "class_fidelity_per_class",
 }  # fmt: skip
 BASELINE_KEYS = {
     "fid_untrained", "fid_real", "recall_untrained", "recall_real", "diversity_untrained", "diversity_real",
-    "fid_per_class_real", "num_real_train",
+    "fid_per_class_real", "num_real_train", "class_fidelity_untrained", "class_fidelity_real",
 }  # fmt: skip
 SEGMENTER_KEYS = {"miou", "pixel_accuracy", "iou", "absent_classes", "num_images", "num_pixels"}
 SEGMENTER_KEYS |= {"miou_single_view", "pixel_accuracy_single_view"}
-PER_CLASS = {"fid_per_class", "diversity_per_class", "fid_per_class_real", "iou"}  # -> plots/<key>.csv
+PER_CLASS = {"fid_per_class", "diversity_per_class", "fid_per_class_real", "iou", "class_fidelity_per_class"}
 
 
 def write_models(cfg: config.Config, shard_dir: Path, root: Path) -> Path:

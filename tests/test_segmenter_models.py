@@ -20,7 +20,7 @@ from pipeline.distributed import SyncBatchNorm2d, convert_sync_batchnorm
 from pipeline.metrics.segmentation import ConfusionMatrix
 from pipeline.models import unet
 from pipeline.models.catalog import describe_models, format_models
-from pipeline.models.gan import Discriminator, Generator
+from pipeline.models.gan import Discriminator, Generator, discriminator_batch_norm
 from pipeline.models.segmenter_base import Segmenter
 from pipeline.models.segmenters import (
     SEGMENTERS,
@@ -327,9 +327,12 @@ def test_catalog_lists_every_family_with_its_size(tiny_cfg: config.Config) -> No
         assert r["selected_by"] == f"segmenter.arch={r['family']}" and r["in_use"] == (r["family"] == "unet")
     gan = tiny_cfg.gan
     generator = Generator(classes, gan.z_dim, gan.channels, tiny_cfg.data.patch_size, gan.fourier, gan.fourier_warp)
-    by_kind = {r["kind"]: r for r in rows if r["kind"] != "segmenter"}
+    by_kind = {r["kind"]: r for r in rows if r["family"] == "dcgan"}
     assert by_kind["generator"]["parameters"] == sum(p.numel() for p in generator.parameters())
-    discriminator = Discriminator(classes, gan.channels, tiny_cfg.data.patch_size, gan.conditioning, gan.spectral_norm)
+    discriminator = Discriminator(
+        classes, gan.channels, tiny_cfg.data.patch_size, gan.conditioning, gan.spectral_norm,
+        batch_norm=discriminator_batch_norm(gan),
+    )  # fmt: skip
     assert by_kind["discriminator"]["parameters"] == sum(p.numel() for p in discriminator.parameters())
     table = format_models(rows).splitlines()
     assert len(table) == len(rows) + 1 and table[0].split() == ["kind", "family", "selected_by", "in_use", "parameters"]

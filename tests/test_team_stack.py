@@ -32,7 +32,8 @@ JOIN_TIMEOUT_S = 180.0
 STAGE_TIMEOUT_S = 300
 # metrics/*.json as the evaluate stage writes them, good enough to pass params.yaml's register gates.
 EVALUATION = {
-    "gan": {"fid": 90.0, "fid_ratio": 0.3, "recall": 0.2, "diversity": 0.9, "fid_features": "texture"},
+    "gan": {"fid": 90.0, "fid_ratio": 0.3, "recall": 0.2, "diversity": 0.9, "fid_features": "texture"}
+    | {"class_fidelity": 0.5},
     "segmenter": {"miou": 0.7},
 }
 
@@ -157,7 +158,17 @@ def _trained_models(cfg: config.Config, base: Path) -> dict[str, Path]:
     classes = list(cfg.data.classes)
     paths = {}
     for kind, metrics in (
-        ("gan", {"fid": 90.0, "fid_ratio": 0.3, "recall": 0.2, "diversity": 0.9, "fid_features": "texture"}),
+        (
+            "gan",
+            {
+                "fid": 90.0,
+                "fid_ratio": 0.3,
+                "recall": 0.2,
+                "diversity": 0.9,
+                "fid_features": "texture",
+                "class_fidelity": 0.5,
+            },
+        ),
         ("segmenter", {"miou": 0.7}),
     ):
         logger = tracking.RunLogger(cfg, f"train_{kind}", enabled=True)
