@@ -17,7 +17,8 @@ from pathlib import Path
 from pipeline import config
 from pipeline.checkpoint import atomic_write_json
 from pipeline.errors import main_entry
-from pipeline.registry import read_metrics, register_model
+from pipeline.gate import read_metrics
+from pipeline.registry import register_model
 
 STAGE = "register"
 

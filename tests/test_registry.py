@@ -14,6 +14,7 @@ import pytest
 from mlflow.entities.model_registry import ModelVersion, ModelVersionTag
 
 from pipeline import config, registry, tracking
+from pipeline import gate as gate_mod
 from pipeline.errors import UserError
 from tests.conftest import ROOT, write_params
 
@@ -110,33 +111,33 @@ def test_gate_thresholds(tiny_cfg: config.Config, tmp_path: Path) -> None:
     gate = tiny_cfg.register.gan
     assert (gate.max_fid_ratio, gate.min_recall, gate.min_diversity) == (0.75, 0.05, 0.5)
     floor = f"min_class_fidelity {gate.min_class_fidelity:g}"
-    assert registry.gate(tiny_cfg, "gan", gan_metrics(30.0, 0.2)) == (
+    assert gate_mod.gate(tiny_cfg, "gan", gan_metrics(30.0, 0.2)) == (
         True,
         "fid_ratio 0.1 <= max_fid_ratio 0.75, recall 0.2 >= min_recall 0.05, diversity 0.9 >= min_diversity 0.5, "
         f"class_fidelity 0.6 >= {floor}",
     )
     # A conditional generator that draws one class for every label: fine FID, recall and variety, the class ignored.
     one_class = gan_metrics(30.0, 0.2) | {"class_fidelity": 0.1}
-    assert registry.gate(tiny_cfg, "gan", one_class) == (
+    assert gate_mod.gate(tiny_cfg, "gan", one_class) == (
         False,
         "fid_ratio 0.1 <= max_fid_ratio 0.75, recall 0.2 >= min_recall 0.05, diversity 0.9 >= min_diversity 0.5, "
         f"class_fidelity 0.1 < {floor}",
     )
     unmeasured = gan_metrics(30.0, 0.2) | {"class_fidelity": None}  # a null in metrics/gan.json: not proven
-    assert not registry.gate(tiny_cfg, "gan", unmeasured)[0]
+    assert not gate_mod.gate(tiny_cfg, "gan", unmeasured)[0]
     collapsed = gan_metrics(40.0, 0.0) | {"diversity": 0.01}  # one output per class: fine FID, no variety
-    ok, reason = registry.gate(tiny_cfg, "gan", collapsed)
+    ok, reason = gate_mod.gate(tiny_cfg, "gan", collapsed)
     assert not ok and "diversity 0.01 < min_diversity 0.5" in reason
     strict = config.load(write_params(tmp_path, {"register.gan.min_recall": 0.02}))
-    ok, reason = registry.gate(strict, "gan", gan_metrics(40.0, 0.01))
+    ok, reason = gate_mod.gate(strict, "gan", gan_metrics(40.0, 0.01))
     assert not ok and "recall 0.01 < min_recall 0.02" in reason
-    ok, reason = registry.gate(tiny_cfg, "gan", gan_metrics(228.0, 0.5))
+    ok, reason = gate_mod.gate(tiny_cfg, "gan", gan_metrics(228.0, 0.5))
     assert not ok and "fid_ratio 0.76 > max_fid_ratio 0.75" in reason
-    assert not registry.gate(tiny_cfg, "gan", gan_metrics(math.nan, 0.5))[0]
+    assert not gate_mod.gate(tiny_cfg, "gan", gan_metrics(math.nan, 0.5))[0]
     unknown_ratio = gan_metrics(1.0, 0.5) | {"fid_ratio": None}  # a NaN in metrics/gan.json
-    assert not registry.gate(tiny_cfg, "gan", unknown_ratio)[0]
-    assert registry.gate(tiny_cfg, "segmenter", seg_metrics(0.5)) == (True, "miou 0.5 >= min_miou 0.5")
-    assert registry.gate(tiny_cfg, "segmenter", seg_metrics(0.49)) == (False, "miou 0.49 < min_miou 0.5")
+    assert not gate_mod.gate(tiny_cfg, "gan", unknown_ratio)[0]
+    assert gate_mod.gate(tiny_cfg, "segmenter", seg_metrics(0.5)) == (True, "miou 0.5 >= min_miou 0.5")
+    assert gate_mod.gate(tiny_cfg, "segmenter", seg_metrics(0.49)) == (False, "miou 0.49 < min_miou 0.5")
 
 
 def _version(version: str, tags: dict[str, str]) -> ModelVersion:
@@ -146,27 +147,27 @@ def _version(version: str, tags: dict[str, str]) -> ModelVersion:
 
 
 def test_compare_with_champion_needs_same_metric_and_extractor() -> None:
-    assert registry.compare_with_champion("segmenter", seg_metrics(0.1), None) == (True, "no current champion")
+    assert gate_mod.compare_with_champion("segmenter", seg_metrics(0.1), None) == (True, "no current champion")
     champion = _version("3", {"miou": "0.7"})
-    assert registry.compare_with_champion("segmenter", seg_metrics(0.8), champion) == (
+    assert gate_mod.compare_with_champion("segmenter", seg_metrics(0.8), champion) == (
         True,
         "miou 0.8 > champion v3's 0.7",
     )
-    assert registry.compare_with_champion("segmenter", seg_metrics(0.7), champion)[0] is False
-    assert registry.compare_with_champion("segmenter", seg_metrics(0.1), champion, version="3") == (
+    assert gate_mod.compare_with_champion("segmenter", seg_metrics(0.7), champion)[0] is False
+    assert gate_mod.compare_with_champion("segmenter", seg_metrics(0.1), champion, version="3") == (
         True,
         "v3 is the current champion",
     )
     gan_champion = _version("2", {"fid": "40", "fid_features": EXTRACTOR_A})
-    assert registry.compare_with_champion("gan", gan_metrics(45.0, 0.3), gan_champion) == (
+    assert gate_mod.compare_with_champion("gan", gan_metrics(45.0, 0.3), gan_champion) == (
         False,
         "fid 45 >= champion v2's 40",
     )
-    assert registry.compare_with_champion("gan", gan_metrics(35.0, 0.3), gan_champion)[0] is True
-    ok, reason = registry.compare_with_champion("gan", gan_metrics(45.0, 0.3, EXTRACTOR_B), gan_champion)
+    assert gate_mod.compare_with_champion("gan", gan_metrics(35.0, 0.3), gan_champion)[0] is True
+    ok, reason = gate_mod.compare_with_champion("gan", gan_metrics(45.0, 0.3, EXTRACTOR_B), gan_champion)
     assert ok and "not comparable, comparison skipped" in reason and EXTRACTOR_B[:12] in reason
     untagged = _version("1", {"fid_features": EXTRACTOR_A})
-    ok, reason = registry.compare_with_champion("gan", gan_metrics(45.0, 0.3), untagged)
+    ok, reason = gate_mod.compare_with_champion("gan", gan_metrics(45.0, 0.3), untagged)
     assert ok and "has no fid tag" in reason
 
 
@@ -178,9 +179,9 @@ def test_metrics_file_errors_name_the_file(tmp_path: Path) -> None:
         r"\(needed by the gan gate\)"
     )
     with pytest.raises(UserError, match=missing):
-        registry.read_metrics(path, "gan")
+        gate_mod.read_metrics(path, "gan")
     with pytest.raises(UserError, match=r"segmenter\.json: cannot read metrics"):
-        registry.read_metrics(tmp_path / "segmenter.json", "segmenter")
+        gate_mod.read_metrics(tmp_path / "segmenter.json", "segmenter")
 
 
 # --- against the real server ---------------------------------------------------------------------------------
@@ -314,7 +315,7 @@ def test_gan_gate_rejects_collapse_and_compares_fid_only_from_the_same_extractor
     assert other["aliases"] == ["champion"] and "not comparable, comparison skipped" in other["reason"]
     assert champion_version(GAN) == "4"
     tags = mlflow.MlflowClient().get_model_version(GAN, "4").tags
-    assert set(tags) == set(registry.REQUIRED_METRICS["gan"]) | LINEAGE_TAGS and len(tags) <= 12
+    assert set(tags) == set(gate_mod.REQUIRED_METRICS["gan"]) | LINEAGE_TAGS and len(tags) <= 12
     assert (tags["fid"], tags["fid_ratio"], tags["recall"], tags["fid_features"]) == (
         "45.0",
         "0.15",
