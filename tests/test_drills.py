@@ -14,7 +14,6 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,6 +22,7 @@ from mlflow import MlflowClient
 
 from pipeline import checkpoint
 from pipeline.models.features import TextureFeatureNet, save_feature_extractor
+from tests import processes
 from tests.conftest import ROOT, write_params
 
 pytestmark = pytest.mark.slow
@@ -56,26 +56,6 @@ def _gan(work: Path, shards: Path, features: Path, launcher: list[str] | None = 
         "--out", str(work / "out"),
         "--checkpoints", str(work / "ckpt"),
     ]  # fmt: skip
-
-
-@contextlib.contextmanager
-def _started(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> Iterator[subprocess.Popen]:
-    """``cmd`` in its own session (process group = its pid), stderr to ``log``; killed on exit if still running."""
-    env = os.environ | {"OMP_NUM_THREADS": "1"} | (env or {})
-    with log.open("w") as stderr:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stderr=stderr, env=env, start_new_session=True)
-        try:
-            yield proc
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-
-
-def _run(cmd: list[str], log: Path, timeout: float = 180) -> tuple[int, str]:
-    with _started(cmd, log) as proc:
-        proc.wait(timeout=timeout)
-    return proc.returncode, log.read_text()
 
 
 def _processes() -> dict[int, tuple[int, str]]:
@@ -138,7 +118,7 @@ def test_killed_launcher_leaves_no_process_and_the_rerun_resumes(
 ) -> None:
     write_params(tmp_path, LONG | {"train.num_workers": 1})
     last, log, tag = tmp_path / "ckpt" / checkpoint.LAST, tmp_path / "stderr.log", uuid.uuid4().hex
-    with _started(_gan(tmp_path, tiny_shards, extractor), log, env={"DRILL": tag}) as proc:
+    with processes.started(_gan(tmp_path, tiny_shards, extractor), log, env={"DRILL": tag}) as proc:
         _wait_until(lambda: _step(last) >= 10, "the step-10 checkpoint", proc)
         _wait_until(lambda: len(_ranks_and_workers(proc.pid)[1]) >= 2, "a loader worker per rank", proc)
         ranks, workers = _ranks_and_workers(proc.pid)  # the launcher runs the torchrun agent
@@ -149,7 +129,7 @@ def test_killed_launcher_leaves_no_process_and_the_rerun_resumes(
     step = int(checkpoint.load(last)["step"])  # the last complete checkpoint
     assert 10 <= step < LONG["gan.steps"]
 
-    status, err = _run(_gan(tmp_path, tiny_shards, extractor), log)
+    status, err = processes.run(_gan(tmp_path, tiny_shards, extractor), log)
     assert status == 0, err[-3000:]
     assert f"train_gan: resuming from {last} at step {step}" in err
     assert checkpoint.load(last)["step"] == LONG["gan.steps"]
@@ -166,17 +146,17 @@ def test_a_second_run_on_a_locked_stage_is_refused_naming_the_holder(
 ) -> None:
     write_params(tmp_path, LONG | {"gan.steps": 100_000})
     ckpt, log = tmp_path / "ckpt", tmp_path / "first.log"
-    with _started(_gan(tmp_path, tiny_shards, extractor), log) as first:
+    with processes.started(_gan(tmp_path, tiny_shards, extractor), log) as first:
         _wait_until(lambda: (ckpt / checkpoint.LAST).is_file(), "the first checkpoint", first)
         (rank0,) = (p for p in _ranks_and_workers(first.pid)[0] if b"RANK=0" in _environ(p))
         holder = f"train_gan: error: {ckpt}: locked by pid {rank0} on host {socket.gethostname()} (started "
         # The launcher's check before torchrun starts, and rank 0's lock in one plain process: one line each.
         for name, launcher in (("launch", None), ("plain", [sys.executable])):
-            status, err = _run(_gan(tmp_path, tiny_shards, extractor, launcher), tmp_path / f"{name}.log")
+            status, err = processes.run(_gan(tmp_path, tiny_shards, extractor, launcher), tmp_path / f"{name}.log")
             assert status == 2 and err.strip().startswith(holder) and err.count("\n") == 1, (name, err[-3000:])
         # Under bare torchrun (no launcher check) rank 1 must stop with rank 0 instead of waiting for it.
         torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
-        status, err = _run(_gan(tmp_path, tiny_shards, extractor, torchrun), tmp_path / "torchrun.log")
+        status, err = processes.run(_gan(tmp_path, tiny_shards, extractor, torchrun), tmp_path / "torchrun.log")
         assert status != 0 and holder in err, err[-3000:]
         assert first.poll() is None and _step(ckpt / checkpoint.LAST) >= 0  # the first run trains on
 
@@ -193,7 +173,7 @@ def test_user_errors_of_a_training_stage_are_one_line_before_torchrun(
     overrides: dict, expected: str, tiny_shards: Path, extractor: Path, tmp_path: Path
 ) -> None:
     params = write_params(tmp_path, overrides)
-    status, err = _run(_gan(tmp_path, tiny_shards, extractor), tmp_path / "stderr.log")
+    status, err = processes.run(_gan(tmp_path, tiny_shards, extractor), tmp_path / "stderr.log")
     assert status == 2
     assert err.strip() == err.strip().splitlines()[0]  # nothing else: no torchrun start, no traceback
     assert err.startswith(f"train_gan: error: {params}: {expected}"), err
@@ -202,7 +182,7 @@ def test_user_errors_of_a_training_stage_are_one_line_before_torchrun(
 def test_a_worker_user_error_is_printed_once_and_not_retried(tmp_path: Path) -> None:
     attempts = tmp_path / "attempts.txt"
     script = [str(ROOT / "tests" / "scripts" / "worker_exit.py"), "user", str(attempts)]
-    status, err = _run([*LAUNCH, "--nproc", "2", "--max-restarts", "2", *script], tmp_path / "stderr.log")
+    status, err = processes.run([*LAUNCH, "--nproc", "2", "--max-restarts", "2", *script], tmp_path / "stderr.log")
     assert status == 2
     assert err.count(f"worker_exit: error: {attempts}: a mistake the user can fix\n") == 1
     assert "Traceback" not in err and "ChildFailedError" not in err, err
@@ -212,7 +192,7 @@ def test_a_worker_user_error_is_printed_once_and_not_retried(tmp_path: Path) -> 
 def test_a_worker_crash_is_retried_and_keeps_torchruns_report(tmp_path: Path) -> None:
     attempts = tmp_path / "attempts.txt"
     script = [str(ROOT / "tests" / "scripts" / "worker_exit.py"), "crash", str(attempts)]
-    status, err = _run([*LAUNCH, "--nproc", "2", "--max-restarts", "1", *script], tmp_path / "stderr.log")
+    status, err = processes.run([*LAUNCH, "--nproc", "2", "--max-restarts", "1", *script], tmp_path / "stderr.log")
     assert status == 1
     assert "RuntimeError: a bug" in err and "ChildFailedError" in err
     assert {line.split()[1] for line in attempts.read_text().splitlines()} == {"0", "1"}

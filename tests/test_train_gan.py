@@ -3,7 +3,6 @@ the same for world size 1 and 2, a stopped or killed run resumes exactly, and ML
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib.util
 import io
@@ -33,6 +32,7 @@ from pipeline.models.gan import load_generator
 from pipeline.tracking import stage_params
 from pipeline.training.gan import SECTIONS, GanTask, build_models, train_gan
 from pipeline.training.gan_loss import GanStep, VaeStep, d_class_loss, g_class_loss, mode_seeking_loss
+from tests import processes
 from tests.conftest import ROOT, write_params
 
 STAGE = ROOT / "stages" / "train_gan.py"
@@ -77,27 +77,6 @@ def _command(work: Path, shards: Path, features: Path, nproc: int | None, restar
         return [sys.executable, str(STAGE), *_stage_args(work, shards, features)]
     launch = [sys.executable, "-m", "pipeline.launch", "--nproc", str(nproc), "--max-restarts", str(restarts)]
     return [*launch, str(STAGE), *_stage_args(work, shards, features)]
-
-
-@contextlib.contextmanager
-def _started(cmd: list[str], log: Path) -> Iterator[subprocess.Popen]:
-    """The command running in its own session, stderr to ``log``; whatever is left of it is killed on exit
-    (a hung torchrun must not leave workers behind)."""
-    with log.open("w") as stderr:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stderr=stderr, start_new_session=True)
-        try:
-            yield proc
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-
-
-def _run(cmd: list[str], log: Path, timeout: float = 240) -> tuple[int, str]:
-    """(exit status, stderr) of the command run to the end."""
-    with _started(cmd, log) as proc:
-        proc.wait(timeout=timeout)
-    return proc.returncode, log.read_text()
 
 
 def _wait_for(predicate: Any, proc: subprocess.Popen, timeout: float = 120) -> None:
@@ -377,7 +356,7 @@ def test_world_size_1_and_2_train_the_same_weights(
         work = tmp_path / f"ws{nproc}"
         work.mkdir()
         write_params(work, overrides)
-        status, err = _run(_command(work, shards, extractor, nproc), work / "stderr.log")
+        status, err = processes.run(_command(work, shards, extractor, nproc), work / "stderr.log")
         assert status == 0, err[-3000:]
         results[nproc] = checkpoint.load(work / "ckpt" / "last.pt")
     trained = [k for k in (*WEIGHTS, "encoder") if k in results[1]]
@@ -405,7 +384,7 @@ def test_per_rank_batchnorm_ranks_evaluate_and_save_one_model(
     one process gets from the saved EMA generator."""
     params = write_params(tmp_path, {"train.precision": "fp32", "gan.steps": 6, "gan.eval_every": 3})
     assert not config.load(params).gan.sync_bn  # the default
-    status, err = _run(_command(tmp_path, tiny_shards, extractor, 2), tmp_path / "stderr.log")
+    status, err = processes.run(_command(tmp_path, tiny_shards, extractor, 2), tmp_path / "stderr.log")
     assert status == 0, err[-3000:]
     ckpt = checkpoint.load(tmp_path / "ckpt" / "last.pt")
     generator, _ = load_generator(tmp_path / "out" / "generator.pt")
@@ -423,7 +402,7 @@ def test_per_rank_batchnorm_ranks_evaluate_and_save_one_model(
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["dcgan", "vae"])  # the GAN families share GanStep; the VAE has its own step
-def test_sigterm_saves_and_resume_matches_a_straight_run(
+def test_sigterm_saves_and_resume_matches_a_straightrun(
     arch: str, tiny_shards: Path, extractor: Path, tmp_path: Path
 ) -> None:
     overrides = {"train.deterministic": True, "gan.steps": 40, "gan.checkpoint_every": 1000, "gan.eval_every": 20}
@@ -433,7 +412,7 @@ def test_sigterm_saves_and_resume_matches_a_straight_run(
         work.mkdir()
         write_params(work, overrides)
     last, log = stopped / "ckpt" / "last.pt", stopped / "stderr.log"
-    with _started(_command(stopped, tiny_shards, extractor, None), log) as proc:
+    with processes.started(_command(stopped, tiny_shards, extractor, None), log) as proc:
         _wait_for(last.is_file, proc)  # the step-0 checkpoint: training is under way
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=120)
@@ -442,9 +421,9 @@ def test_sigterm_saves_and_resume_matches_a_straight_run(
     step = int(checkpoint.load(last)["step"])
     assert 0 < step < 40 and f"stopped at step {step}" in err
 
-    status, err = _run(_command(stopped, tiny_shards, extractor, None), log)
+    status, err = processes.run(_command(stopped, tiny_shards, extractor, None), log)
     assert status == 0 and f"resuming from {last} at step {step}" in err, err[-3000:]
-    status, err = _run(_command(straight, tiny_shards, extractor, None), straight / "stderr.log")
+    status, err = processes.run(_command(straight, tiny_shards, extractor, None), straight / "stderr.log")
     assert status == 0, err[-3000:]
     a, b = checkpoint.load(last), checkpoint.load(straight / "ckpt" / "last.pt")
     trained = ["g", "g_ema", "encoder"] if arch == "vae" else list(WEIGHTS)  # a plain VAE has no D
@@ -484,14 +463,14 @@ def _worker_pids(launcher: int) -> dict[int, int]:
 
 
 @pytest.mark.slow
-def test_killed_worker_resumes_in_the_same_mlflow_run(tiny_shards: Path, extractor: Path, tmp_path: Path) -> None:
+def test_killed_worker_resumes_in_the_same_mlflowrun(tiny_shards: Path, extractor: Path, tmp_path: Path) -> None:
     params = write_params(
         tmp_path,
         {"gan.steps": 60, "gan.checkpoint_every": 5, "gan.log_every": 5, "gan.eval_every": 20, "gan.sample_every": 20},
     )
     last = tmp_path / "ckpt" / "last.pt"
     log = tmp_path / "stderr.log"
-    with _started(_command(tmp_path, tiny_shards, extractor, nproc=2, restarts=1), log) as proc:
+    with processes.started(_command(tmp_path, tiny_shards, extractor, nproc=2, restarts=1), log) as proc:
         _wait_for(lambda: last.is_file() and _checkpoint_step(last) >= 5, proc)
         os.kill(_worker_pids(proc.pid)[1], signal.SIGKILL)
         proc.wait(timeout=240)
