@@ -22,7 +22,7 @@ from PIL import Image
 from pipeline import config, registry, serving, use
 from pipeline.images import palette, to_uint8
 from pipeline.models.gan import build_generator, generate_images, load_generator, save_generator
-from pipeline.models.segmenters import load_segmenter
+from pipeline.models.segmenters import load_segmenter, save_segmenter, segmenter_from_config
 from pipeline.tracking import RunLogger, file_sha256
 
 pytest.register_assert_rewrite("tests.mlflow_server")  # imported here before pytest_plugins loads it
@@ -111,6 +111,25 @@ def test_gan_pyfunc_takes_class_names_and_indices(
         model.predict(pd.DataFrame({"class": ["bricks"], "seed": [0]}))
     with pytest.raises(serving.UnknownClassError, match=r"unknown class 4; expected a name or an index in \[0, 3\]"):
         model.predict(pd.DataFrame({"class": [4], "seed": [0]}))
+
+
+@pytest.mark.parametrize("arch", ["fcn", "deeplabv3", "segformer", "renet"])
+def test_segmenter_pyfunc_serves_every_family(
+    arch: str, tiny_cfg: config.Config, tracking_server: MlflowServer, fake_training: FakeTraining
+) -> None:
+    """The served segmenter loads whatever family the file holds and labels any image size as that family does."""
+    model_dir = fake_training("segmenter")
+    _, meta = load_segmenter(model_dir / "model.pt")
+    torch.manual_seed(0)
+    save_segmenter(model_dir / "model.pt", segmenter_from_config(tiny_cfg.segmenter, len(meta["classes"]), arch), meta)
+    metrics = {"miou": 0.7, "pixel_accuracy": 0.9, "iou": {}, "num_images": 3}
+    assert registry.register_model(tiny_cfg, "segmenter", model_dir, metrics)["aliases"] == ["champion"]
+    model = registry.load_pyfunc(f"models:/{SEG}@champion")
+    images = random_images(2, 20, 28)
+    masks = model.predict(images)
+    assert masks.shape == (2, 20, 28)
+    np.testing.assert_array_equal(masks, local_masks(model_dir / "model.pt", images))
+    assert load_segmenter(model_dir / "model.pt")[0].arch == arch
 
 
 @pytest.mark.parametrize("arch", ["resnet", "vae"])
