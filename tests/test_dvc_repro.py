@@ -145,3 +145,31 @@ def test_experiments_compare_in_a_terminal(pipeline_repo: tuple[Path, dict[str, 
         assert plot["revisions"] == ["HEAD", "tiny"] and plot["content"]["mark"]["type"] == "bar", name
         bars = {(v["rev"], v["class"]) for v in plot["content"]["data"]["values"]}
         assert {rev for rev, _ in bars} == {"HEAD", "tiny"} and {c for _, c in bars} <= classes, name
+
+
+@pytest.mark.slow
+def test_a_queued_sweep_restores_the_unchanged_training_stages(pipeline_repo: tuple[Path, dict[str, str], str]) -> None:
+    """README's sweep: a queued experiment runs in a temp workspace, where DVC restores the feature extractor and
+    the GAN (no persistent outputs keeps them in the run-cache) and trains only the segmenter of the new family,
+    logging to the one MLflow store that ``MLFLOW_TRACKING_URI`` names."""
+    repo, env, _ = pipeline_repo
+    _run(["git", "add", "-A"], repo, env)
+    _run(["git", "commit", "-qm", "sweep baseline", "--allow-empty"], repo, env)
+    _dvc(repo, env, "exp", "run", "--queue", "-n", "fcn", "-S", "segmenter.arch=fcn")
+    _dvc(repo, env, "exp", "run", "--run-all")
+
+    log = _dvc(repo, env, "queue", "logs", "fcn")
+    assert "Running stage 'train_segmenter'" in log, log[-3000:]
+    for stage in ("prepare", "train_fid_features", "train_gan"):
+        assert f"Running stage '{stage}'" not in log, log[-3000:]
+    rows = json.loads(_dvc(repo, env, "exp", "show", "--json"))
+    revs = [r for row in rows for exp in row.get("experiments") or [] for r in exp["revs"]]
+    (experiment,) = [r for r in revs if r["name"] == "fcn"]
+    assert experiment["data"]["params"]["params.yaml"]["data"]["segmenter"]["arch"] == "fcn"
+    assert 0.0 <= experiment["data"]["metrics"]["metrics/segmenter.json"]["data"]["miou"] <= 1.0
+    check = (
+        "import mlflow; c = mlflow.MlflowClient(); e = c.get_experiment_by_name('texture-pipeline');"
+        "runs = c.search_runs([e.experiment_id]);"
+        "print(sorted(r.data.tags.get('model.arch', '-') for r in runs if r.info.run_name == 'train_segmenter'))"
+    )
+    assert "'fcn'" in _run([sys.executable, "-c", check], repo, env).stdout
