@@ -23,7 +23,7 @@ def test_single_process_without_torchrun(tiny_cfg: config.Config, monkeypatch: p
     with distributed.distributed(tiny_cfg.train) as env:
         assert (env.rank, env.world_size, env.is_main, env.distributed) == (0, 1, True, False)
         assert env.backend == "gloo" and env.device.type == "cpu"
-        assert env.amp_dtype == (torch.bfloat16 if distributed.native_bf16(env.device) else None)
+        assert env.amp_dtype == distributed.resolve_precision(tiny_cfg.train.precision, env.device)
         t = torch.tensor([[1.0], [2.0]])
         assert torch.equal(distributed.all_gather_cat(t), t)
         assert distributed.all_reduce_mean({"a": 3.0}, env.device) == {"a": 3.0}
