@@ -40,8 +40,8 @@ SEG = "texture-segmenter"
 GAN = "texture-gan"
 
 
-def register_segmenter(cfg: config.Config, fake_training: FakeTraining) -> Path:
-    model_dir = fake_training("segmenter")
+def register_segmenter(cfg: config.Config, fake_training: FakeTraining, model_dir: Path | None = None) -> Path:
+    model_dir = model_dir or fake_training("segmenter")
     metrics = {"miou": 0.7, "pixel_accuracy": 0.9, "iou": {}, "num_images": 3}
     assert registry.register_model(cfg, "segmenter", model_dir, metrics)["aliases"] == ["champion"]
     return model_dir / "model.pt"
@@ -122,14 +122,13 @@ def test_segmenter_pyfunc_serves_every_family(
     _, meta = load_segmenter(model_dir / "model.pt")
     torch.manual_seed(0)
     save_segmenter(model_dir / "model.pt", segmenter_from_config(tiny_cfg.segmenter, len(meta["classes"]), arch), meta)
-    metrics = {"miou": 0.7, "pixel_accuracy": 0.9, "iou": {}, "num_images": 3}
-    assert registry.register_model(tiny_cfg, "segmenter", model_dir, metrics)["aliases"] == ["champion"]
+    model_file = register_segmenter(tiny_cfg, fake_training, model_dir)
     model = registry.load_pyfunc(f"models:/{SEG}@champion")
     images = random_images(2, 20, 28)
     masks = model.predict(images)
     assert masks.shape == (2, 20, 28)
-    np.testing.assert_array_equal(masks, local_masks(model_dir / "model.pt", images))
-    assert load_segmenter(model_dir / "model.pt")[0].arch == arch
+    np.testing.assert_array_equal(masks, local_masks(model_file, images))
+    assert load_segmenter(model_file)[0].arch == arch
 
 
 @pytest.mark.parametrize("arch", ["resnet", "vae"])
